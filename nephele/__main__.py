@@ -1,0 +1,5 @@
+import sys
+
+from nephele.cli.main import main
+
+sys.exit(main())

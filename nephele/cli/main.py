@@ -1,0 +1,51 @@
+"""`nephele`: the declarative front end. Each subcommand lives in its own module `cmd_<name>.py`
+exposing `register(subparsers)`; this module only assembles them and maps errors to exit codes.
+
+Exit codes: 0 success (plan: no changes), 1 error, 2 plan has changes (with --detailed-exitcode),
+130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from nephele import __version__
+from nephele.errors import NepheleError
+
+# Subcommand modules, in the order `nephele --help` lists them. A missing module is skipped so that
+# parts can land one at a time.
+COMMANDS = ["validate", "plan", "apply", "status", "watch", "handoffs", "cloudlet", "agent"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nephele", description=__doc__.split("\n")[0] if __doc__ else None)
+    parser.add_argument("--version", action="version", version=f"nephele {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"nephele.cli.cmd_{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"nephele.cli.cmd_{name}":
+                raise
+            continue
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except NepheleError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
