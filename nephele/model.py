@@ -135,6 +135,7 @@ class ObservedInstance:
     manifest: str | None = None  # which manifest created it (ownership); None = not nephele's
     memory_bytes: int = 0
     dirty_bytes: int = 0  # bytes of memory+disk differing from its image, if the node knows
+    prune: bool = True  # the instance's `prune` flag, kept on the node so a removed instance keeps it
 
 
 @dataclass(frozen=True)
@@ -193,6 +194,7 @@ def _node_to_dict(o: NodeObservation) -> dict[str, Any]:
                 "manifest": v.manifest,
                 "memory_bytes": v.memory_bytes,
                 "dirty_bytes": v.dirty_bytes,
+                "prune": v.prune,
             }
             for k, v in o.instances.items()
         },
@@ -222,6 +224,7 @@ def _node_from_dict(name: str, raw: Mapping[str, Any]) -> NodeObservation:
             manifest=v.get("manifest"),
             memory_bytes=int(v.get("memory_bytes", 0)),
             dirty_bytes=int(v.get("dirty_bytes", 0)),
+            prune=bool(v.get("prune", True)),
         )
         for k, v in (raw.get("instances") or {}).items()
     }
