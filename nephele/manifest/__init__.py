@@ -1,1 +1,66 @@
-"""nephele.manifest"""
+"""nephele.manifest: cloudlet.yaml -> a validated, typed `Desired`.
+
+    YAML text --(yamlpos: parse, keep every key's and value's line/column)--> plain data
+             --(schema: JSON Schema 2020-12, messages rewritten for humans)--> problems
+             --(xref: references between nodes, images, snapshots, instances)--> problems
+             --(build, only when there is no problem)--> Desired
+
+Every problem is collected before anything is raised: `ManifestError.problems` lists them all, each
+printed as `FILE:LINE:COL: path: message`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path as FsPath
+
+from nephele.errors import ManifestError, Problem
+from nephele.manifest import schema, xref
+from nephele.manifest.build import build
+from nephele.manifest.units import parse_duration, parse_size
+from nephele.manifest.yamlpos import parse
+from nephele.model import Desired
+
+__all__ = ["check", "load", "loads", "parse_duration", "parse_size", "schema_document"]
+
+
+def loads(text: str, filename: str = "<string>") -> Desired:
+    """Validate manifest text; `filename` names it in problems and becomes `Desired.source`."""
+    desired, problems = check(text, filename)
+    if problems or desired is None:
+        raise ManifestError(problems)
+    return desired
+
+
+def load(path: str | FsPath) -> Desired:
+    """Read and validate a manifest file. Any failure, unreadable file included, is a ManifestError."""
+    name = str(path)
+    try:
+        raw = FsPath(path).read_bytes()
+    except OSError as exc:
+        message = f"cannot read the file: {exc.strerror or exc}"
+        raise ManifestError([Problem(name, 1, 1, "", message)]) from exc
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        col = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise ManifestError([Problem(name, line, col, "", "the file is not UTF-8 text")]) from exc
+    return loads(text, name)
+
+
+def check(text: str, filename: str = "<string>") -> tuple[Desired | None, list[Problem]]:
+    """(desired, []) for a valid manifest, (None, every problem) otherwise. Never raises for bad input."""
+    data, positions, problems = parse(text, filename)
+    if data is None:
+        return None, problems
+    problems += schema.check(data, positions)
+    problems += xref.check(data, positions)
+    problems = sorted(set(problems))
+    if problems:
+        return None, problems
+    return build(data, filename), []
+
+
+def schema_document() -> dict[str, object]:
+    """The manifest's JSON Schema, as shipped in the package."""
+    return schema.schema()
