@@ -17,7 +17,7 @@ from nephele.errors import ManifestError, Problem
 from nephele.manifest import schema, xref
 from nephele.manifest.build import build
 from nephele.manifest.units import parse_duration, parse_size
-from nephele.manifest.yamlpos import parse
+from nephele.manifest.yamlpos import format_path, parse
 from nephele.model import Desired
 
 __all__ = ["check", "load", "loads", "parse_duration", "parse_size", "schema_document"]
@@ -53,8 +53,9 @@ def check(text: str, filename: str = "<string>") -> tuple[Desired | None, list[P
     data, positions, problems = parse(text, filename)
     if data is None:
         return None, problems
-    problems += schema.check(data, positions)
-    problems += xref.check(data, positions)
+    unreadable = {format_path(p) for p in positions.unreadable}
+    later = schema.check(data, positions) + xref.check(data, positions)
+    problems += [p for p in later if p.path not in unreadable]
     problems = sorted(set(problems))
     if problems:
         return None, problems

@@ -105,6 +105,17 @@ def _explain(error: ValidationError, pos: Positions) -> Iterable[Problem]:
     yield pos.problem(path, _message(kind, value, rule, sub))
 
 
+def _is_number(text: str, *, integer: bool) -> bool:
+    """Whether `text` would be the wanted number without its quotes."""
+    if integer:
+        return text.isascii() and text.isdigit()
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _custom(sub: Mapping[str, Any], kind: str) -> str:
     message = sub.get("x-message")
     return str(message) if message else f"does not match the {kind} rule"
@@ -119,6 +130,12 @@ def _message(kind: str, value: Any, rule: Any, sub: Mapping[str, Any]) -> str:
         hint = ""
         if "string" in types and isinstance(value, int | float):
             hint = " (put it in quotes to make it one)"
+        elif (
+            isinstance(value, str)
+            and {"integer", "number"} & set(types)
+            and _is_number(value, integer="number" not in types)
+        ):
+            hint = " (remove the quotes)"
         return f"{describe(value)} is not {wanted}{hint}"
     if kind == "enum":
         return f"{describe(value)} is not one of {', '.join(str(v) for v in rule)}"

@@ -32,6 +32,8 @@ _FLOAT = "tag:yaml.org,2002:float"
 _TIMESTAMP = "tag:yaml.org,2002:timestamp"
 _MERGE = "tag:yaml.org,2002:merge"
 _STR = "tag:yaml.org,2002:str"
+_SEQ = "tag:yaml.org,2002:seq"
+_MAP = "tag:yaml.org,2002:map"
 
 _FastLoader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
@@ -50,6 +52,9 @@ class Positions:
     filename: str
     keys: dict[Path, Pos] = field(default_factory=dict)
     values: dict[Path, Pos] = field(default_factory=dict)
+    # Values the YAML layer could not read (already reported); they stand as None in the data, and
+    # later stages should not report them again as "expected a mapping, got nothing".
+    unreadable: set[Path] = field(default_factory=set)
 
     def value(self, path: Path) -> Pos:
         """The position of the value at `path`, or of the nearest ancestor that exists."""
@@ -115,9 +120,8 @@ def parse(text: str, filename: str) -> tuple[Any, Positions, list[Problem]]:
     try:
         data = walker.convert(root, ())
     except _TooBig as exc:
-        pos = _mark(exc.node)
         message = f"the document expands to more than {MAX_NODES} values (nested aliases?)"
-        return None, positions, [Problem(filename, pos.line, pos.col, "", message)]
+        return None, positions, [positions.problem(exc.path[:1], message, at_key=True)]
     return data, positions, walker.problems
 
 
@@ -134,6 +138,10 @@ def _syntax_problem(exc: yaml.YAMLError, filename: str) -> Problem:
     if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
         mark = exc.problem_mark
         what = exc.problem or "invalid YAML"
+        if exc.context == "expected a single document in the stream":
+            return Problem(
+                filename, mark.line + 1, mark.column + 1, "", "a manifest is one YAML document, not several"
+            )
         if exc.context and exc.context_mark is not None and exc.context_mark.line != mark.line:
             what = f"{what} ({exc.context} at line {exc.context_mark.line + 1})"
         elif exc.context:
@@ -160,11 +168,17 @@ class _Walker:
         self.positions.values.setdefault(path, _mark(node))
         self.count += 1
         if self.count > MAX_NODES:
-            raise _TooBig(node)
+            raise _TooBig(path)
         if isinstance(node, ScalarNode):
             return self._scalar(node, path)
+        expected = _SEQ if isinstance(node, SequenceNode) else _MAP
+        if node.tag != expected:
+            self._problem(_mark(node), path, f"unsupported YAML tag '{node.tag}'")
+            self.positions.unreadable.add(path)
+            return None
         if id(node) in self.active:
             self._problem(_mark(node), path, "an alias refers to a mapping or list that contains it")
+            self.positions.unreadable.add(path)
             return None
         self.active.add(id(node))
         try:
@@ -178,7 +192,7 @@ class _Walker:
         return None
 
     def _scalar(self, node: ScalarNode, path: Path) -> Any:
-        if node.style is None and (
+        if not node.style and (  # plain scalar (libyaml says '', PyYAML None)
             (node.tag in (_INT, _FLOAT) and ":" in node.value) or node.tag == _TIMESTAMP
         ):
             return node.value
@@ -187,6 +201,7 @@ class _Walker:
         except yaml.YAMLError as exc:
             problem = getattr(exc, "problem", None) or str(exc)
             self._problem(_mark(node), path, f"cannot read this value: {problem}")
+            self.positions.unreadable.add(path)
             return None
 
     def _mapping(self, node: MappingNode, path: Path) -> dict[str, Any]:
@@ -239,6 +254,6 @@ class _Walker:
 
 
 class _TooBig(Exception):
-    def __init__(self, node: Node) -> None:
-        self.node = node
+    def __init__(self, path: Path) -> None:
+        self.path = path
         super().__init__("too many nodes")
