@@ -1,0 +1,49 @@
+"""The ops a node's agent answers, by wire name (docs/agent-protocol.md lists their args and results)."""
+
+from __future__ import annotations
+
+import os
+import platform
+from collections.abc import Callable
+from typing import Any
+
+from nephele import __version__
+from nephele.node import images, instances, observe
+from nephele.node.runtime import NodeContext
+
+Op = Callable[[NodeContext, dict[str, Any]], Any]
+
+
+def info(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "nephele": __version__,
+        "hostname": ctx.hostname,
+        "root": str(ctx.store.root),
+        "python": platform.python_version(),
+        "pid": os.getpid(),
+        "libvirt": ctx.hv.describe() if args.get("hypervisor", True) else None,
+    }
+
+
+def ping(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
+    return {"pong": True, "nephele": __version__, "root": str(ctx.store.root)}
+
+
+OPS: dict[str, Op] = {
+    "ping": ping,
+    "node.info": info,
+    "observe": observe.observe,
+    "image.ls": images.ls,
+    "image.build": images.build,
+    "image.export": images.export,
+    "image.import": images.import_,
+    "image.rm": images.rm,
+    "instance.run": instances.run,
+    "instance.ls": instances.ps,
+    "instance.stop": instances.stop,
+    "instance.pause": instances.pause,
+    "instance.resume": instances.resume,
+    "instance.start": instances.start,
+    "instance.rm": instances.rm,
+    "instance.handoff_url": instances.set_handoff_url,
+}
