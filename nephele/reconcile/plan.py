@@ -196,7 +196,7 @@ class _Planner:
                     self.errors.append(
                         Diagnostic(f"image/{img.name} has no source and no reachable node holds it", address)
                     )
-                    continue
+                    break  # once per image, not once per node
                 pre = [Precondition(Fact.IMAGE_ABSENT, n, img.name)]
                 if src_node:
                     held = self.up[src_node].images[img.name]
@@ -229,7 +229,7 @@ class _Planner:
                     self.errors.append(
                         Diagnostic(f"snapshot/{s.name} has no source and no reachable node holds it", address)
                     )
-                    continue
+                    break  # once per snapshot, not once per node
                 pre = [Precondition(Fact.SNAPSHOT_ABSENT, n, s.name)]
                 est = None
                 if src_node:
