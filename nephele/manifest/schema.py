@@ -125,7 +125,7 @@ def _message(kind: str, value: Any, rule: Any, sub: Mapping[str, Any]) -> str:
     if kind == "type":
         types = [rule] if isinstance(rule, str) else list(rule)
         wanted = " or ".join(_TYPE_PHRASES.get(t, t) for t in types if t != "null")
-        if value is None or isinstance(value, Mapping | list):
+        if value is None or isinstance(value, Mapping | list) or types[0] in ("object", "array"):
             return f"expected {wanted}, got {describe(value)}"
         hint = ""
         if "string" in types and isinstance(value, int | float):

@@ -138,6 +138,8 @@ def _syntax_problem(exc: yaml.YAMLError, filename: str) -> Problem:
     if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
         mark = exc.problem_mark
         what = exc.problem or "invalid YAML"
+        if what.startswith("expected <block end>"):
+            what = f"bad indentation: {what}"
         if exc.context == "expected a single document in the stream":
             return Problem(
                 filename, mark.line + 1, mark.column + 1, "", "a manifest is one YAML document, not several"

@@ -101,6 +101,11 @@ SCHEMA_CASES = [
         ["m.yaml:3:24: metadata: unknown field 'labels'"],
     ),
     (
+        "a scalar where a mapping belongs",
+        edit("metadata: {name: demo}", "metadata: demo"),
+        ["m.yaml:3:11: metadata: expected a mapping, got 'demo'"],
+    ),
+    (
         "the document is a list",
         "- a\n- b\n",
         ["m.yaml:1:1: expected a mapping, got a list"],

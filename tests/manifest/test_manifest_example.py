@@ -48,3 +48,35 @@ def test_one_schema_file_for_repo_and_package() -> None:
     assert repo_copy.is_symlink(), "schemas/cloudlet.schema.json must link to the packaged schema"
     assert repo_copy.resolve() == (ROOT / "nephele" / "schemas" / "cloudlet.schema.json").resolve()
     assert json.loads(repo_copy.read_text()) == manifest.schema_document()
+
+
+def test_plain_import_finds_the_schema(tmp_path: Path) -> None:
+    """Outside the editable install (as from a wheel): the package alone carries its schema."""
+    import shutil
+    import subprocess
+    import sys
+
+    shutil.copytree(ROOT / "nephele", tmp_path / "nephele", ignore=shutil.ignore_patterns("__pycache__"))
+    code = (
+        "import nephele, nephele.manifest as m; "
+        f"assert nephele.__file__.startswith({str(tmp_path)!r}), nephele.__file__; "
+        f"print(m.load({str(EXAMPLE)!r}).name, m.schema_document()['$id'])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"},
+        cwd=tmp_path,  # not the repo, whose nephele/ would shadow the copy
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert out == "demo https://nephele.dev/schemas/cloudlet.schema.json\n"
+
+
+def test_package_data_ships_the_schema() -> None:
+    import tomllib
+
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["nephele"]
+    shipped = {p for pattern in patterns for p in (ROOT / "nephele").glob(pattern)}
+    assert ROOT / "nephele" / "schemas" / "cloudlet.schema.json" in shipped

@@ -84,6 +84,11 @@ def test_duplicate_keys_are_errors_at_every_level() -> None:
             "of stream (while scanning a quoted scalar at line 6)",
         ),
         (HEAD + "---\nnodes: {}\n", "m.yaml:4:1: a manifest is one YAML document, not several"),
+        (
+            HEAD + "nodes:\n  edge-a: {address: x}\n edge-b: {address: y}\n",
+            "m.yaml:6:2: YAML syntax error: bad indentation: expected <block end>, but found "
+            "'<block mapping start>' (while parsing a block mapping at line 1)",
+        ),
         ("", "m.yaml:1:1: the manifest is empty"),
         ("# only a comment\n", "m.yaml:1:1: the manifest is empty"),
     ],
