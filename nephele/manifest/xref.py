@@ -6,11 +6,15 @@ once), and skip whatever is not shaped as the schema wants: the schema already r
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
 from nephele.errors import Problem
 from nephele.manifest.yamlpos import Path, Positions, format_path
+
+# The schema's name rule: a reference that breaks it was reported by the schema already.
+_NAME = re.compile(r"^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$")
 
 
 def _map(data: Mapping[str, Any], key: str) -> dict[str, Any]:
@@ -47,7 +51,8 @@ def check(data: Any, pos: Positions) -> list[Problem]:
     snapshots = _map(data, "snapshots")
 
     def unknown(path: Path, value: str, kind: str) -> None:
-        problems.append(pos.problem(path, f"'{value}' is not a declared {kind}"))
+        if _NAME.match(value):
+            problems.append(pos.problem(path, f"'{value}' is not a declared {kind}"))
 
     # Where each image must be present; the default is every node.
     image_nodes: dict[str, set[str]] = {}

@@ -28,7 +28,7 @@ def test_clean_manifest_as_json(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_broken_manifest_lists_every_problem_on_stderr(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["validate", "--file", BROKEN]) == 1
+    assert main(["validate", "--file", BROKEN, "--brief"]) == 1
     out, err = capsys.readouterr()
     assert out == ""
     lines = err.splitlines()
@@ -36,6 +36,26 @@ def test_broken_manifest_lists_every_problem_on_stderr(capsys: pytest.CaptureFix
     assert lines[0] == f"{BROKEN}:9:29: nodes.edge-a.ssh.port: '22' is not an integer (remove the quotes)"
     assert lines[3] == f"{BROKEN}:24:11: instances.web-1.node: 'edge-c' is not a declared node"
     assert lines[-1] == "11 problems found"
+
+
+def test_problems_show_the_source_line_with_a_caret(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "m.yaml"
+    path.write_text(
+        "apiVersion: nephele.dev/v1\nkind: Cloudlet\nmetadata: {name: demo}\n"
+        "nodes:\n  edge-a: {address: 10.0.0.1}\n"
+        "images: {tiny: {}}\nsnapshots: {web: {image: tiny}}\n"
+        "instances:\n  web-1:\n    snapshot: web\n"
+        "    node:\tedge-c\n"  # line 11; the tab must not shift the caret
+    )
+    assert main(["validate", "-f", str(path)]) == 1
+    assert capsys.readouterr().err == (
+        f"{path}:11:11: instances.web-1.node: 'edge-c' is not a declared node\n"
+        "  11 |     node: edge-c\n"
+        "     |           ^\n"
+        "1 problem found\n"
+    )
 
 
 def test_broken_manifest_as_json(capsys: pytest.CaptureFixture[str]) -> None:

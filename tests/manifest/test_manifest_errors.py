@@ -332,3 +332,20 @@ def test_problems_in_one_part_do_not_hide_cross_references_elsewhere() -> None:
         "m.yaml:13:21: instances.web-2.snapshot: 'x' is not a declared snapshot",
         "m.yaml:13:30: instances.web-2.node: 'y' is not a declared node",
     ]
+
+
+def test_a_misspelt_reference_is_not_reported_twice() -> None:
+    text = edit("{nodes: [edge-a]}", "{nodes: [Edge-A]}")
+    assert problems(text) == [
+        "m.yaml:8:18: images.tiny.nodes[0]: 'Edge-A' is not a valid name (lowercase letters, digits and '-', "
+        "starting with a letter, not ending with '-', at most 63 characters)",
+        # not also "'Edge-A' is not a declared node"; but the image is indeed missing from edge-a
+        "m.yaml:12:32: instances.web-1.node: snapshot 'web' needs image 'tiny', which is not present "
+        "on node 'edge-a' (see images.tiny.nodes)",
+    ]
+
+
+def test_cross_reference_name_rule_is_the_schema_rule() -> None:
+    from nephele.manifest import xref
+
+    assert xref._NAME.pattern == manifest.schema_document()["$defs"]["name"]["pattern"]  # type: ignore[index]
