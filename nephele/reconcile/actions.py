@@ -136,7 +136,7 @@ class Estimate:
     def to_dict(self) -> dict[str, Any]:
         return {
             "bytes": self.bytes,
-            "seconds": round(self.seconds, 3),
+            "seconds": self.seconds,
             "link_mbit": self.link_mbit,
             "model": self.model,
         }

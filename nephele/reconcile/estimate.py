@@ -39,16 +39,21 @@ def transfer_seconds(nbytes: int, mbit: float) -> float:
     return nbytes * 8 / (mbit * 1_000_000)
 
 
-def handoff(desired: Desired, inst: ObservedInstance, source: str, target: str, *, live: bool) -> Estimate:
+def handoff(
+    desired: Desired, inst: ObservedInstance, source: str, target: str, *, live: bool
+) -> Estimate | None:
+    """None when the node reported no sizes at all (memory_bytes and dirty_bytes both 0)."""
+    if not inst.dirty_bytes and not inst.memory_bytes:
+        return None
     if live:
         raw = inst.dirty_bytes or int(inst.memory_bytes * UNKNOWN_DIRTY_FRACTION)
         wire = int(raw * PRECOPY_RESEND * (1 - DEDUP_SAVING) * COMPRESSION_RATIO)
     else:
         wire = int(inst.dirty_bytes * (1 - DEDUP_SAVING) * COMPRESSION_RATIO)
     rate = link_mbit(desired, source, target)
-    return Estimate(wire, transfer_seconds(wire, rate) + HANDOFF_OVERHEAD_S, rate, MODEL)
+    return Estimate(wire, round(transfer_seconds(wire, rate) + HANDOFF_OVERHEAD_S, 3), rate, MODEL)
 
 
 def snapshot_copy(desired: Desired, snap: ObservedSnapshot, source: str, target: str) -> Estimate:
     rate = link_mbit(desired, source, target)
-    return Estimate(snap.delta_bytes, transfer_seconds(snap.delta_bytes, rate), rate, MODEL)
+    return Estimate(snap.delta_bytes, round(transfer_seconds(snap.delta_bytes, rate), 3), rate, MODEL)

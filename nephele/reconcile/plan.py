@@ -72,6 +72,15 @@ def _ports(ports: Iterable[PortMap]) -> str:
     return ", ".join(str(p) for p in ports) or "none"
 
 
+def _why(reasons: list[str]) -> str:
+    """["images.x.nodes lists a", "instance/w1"] -> "images.x.nodes lists a; needed by instance/w1"."""
+    users = [r for r in reasons if r.startswith(("instance/", "snapshot/"))]
+    parts = [r for r in reasons if r not in users]
+    if users:
+        parts.append("needed by " + ", ".join(users))
+    return "; ".join(parts)
+
+
 @dataclass(frozen=True)
 class _Copy:
     node: str
@@ -157,24 +166,24 @@ class _Planner:
                     )
                 )
 
-    def snapshot_requirements(self) -> dict[str, dict[str, str]]:
-        """snapshot -> {node: why it is needed there}, in manifest order."""
-        need: dict[str, dict[str, str]] = {s: {} for s in self.d.snapshots}
+    def snapshot_requirements(self) -> dict[str, dict[str, list[str]]]:
+        """snapshot -> {node: [why it is needed there]}, in manifest order."""
+        need: dict[str, dict[str, list[str]]] = {s: {} for s in self.d.snapshots}
         for s in self.d.snapshots.values():
             for n in s.nodes:
-                need[s.name].setdefault(n, f"snapshots.{s.name}.nodes lists {n}")
+                need[s.name].setdefault(n, []).append(f"snapshots.{s.name}.nodes lists {n}")
         for i in self.d.instances.values():
             if i.snapshot in need:
-                need[i.snapshot].setdefault(i.node, f"needed by instance/{i.name}")
+                need[i.snapshot].setdefault(i.node, []).append(f"instance/{i.name}")
         return need
 
     def pass_images(self) -> None:
         for img in self.d.images.values():
-            want: dict[str, str] = {n: f"images.{img.name}.nodes lists {n}" for n in img.nodes}
+            want: dict[str, list[str]] = {n: [f"images.{img.name}.nodes lists {n}"] for n in img.nodes}
             for s in self.d.snapshots.values():
                 if s.image == img.name:
                     for n in self.snap_need[s.name]:
-                        want.setdefault(n, f"needed by snapshot/{s.name}")
+                        want.setdefault(n, []).append(f"snapshot/{s.name}")
             holders = [n for n in self.node_order if n in self.up and img.name in self.up[n].images]
             for n in self.nodes_sorted(want):
                 if n not in self.up:
@@ -211,7 +220,7 @@ class _Planner:
                         node=n,
                         source_node=src_node,
                         source=img.source,
-                        reason=f"missing on {n} ({want[n]})",
+                        reason=f"missing on {n} ({_why(want[n])})",
                         preconditions=tuple(pre),
                     )
                 )
@@ -245,7 +254,7 @@ class _Planner:
                         node=n,
                         source_node=src_node,
                         source=None if src_node else s.source,
-                        reason=f"missing on {n} ({why})",
+                        reason=f"missing on {n} ({_why(why)})",
                         depends_on=deps,
                         preconditions=tuple(pre),
                         estimate=est,
@@ -275,7 +284,7 @@ class _Planner:
         copies: dict[str, list[_Copy]] = {}
         for n in self.node_order:
             if n in self.up:
-                for inst in self.up[n].instances.values():
+                for _, inst in sorted(self.up[n].instances.items()):  # JSON key order must not matter
                     copies.setdefault(inst.name, []).append(_Copy(n, inst))
         return copies
 
@@ -534,25 +543,27 @@ class _Planner:
             ]
             used_snaps = {i.snapshot for i in staying}
             removed_snaps: dict[str, str] = {}
-            for s in self.up[n].snapshots.values():
+            for _, s in sorted(self.up[n].snapshots.items()):
                 if n in self.snap_need.get(s.name, {}) or s.name in used_snaps:
                     continue
-                leaving = [
+                leaving = sorted(
                     self.leaving[(i.name, n)]
                     for i in self.up[n].instances.values()
                     if i.snapshot == s.name and (i.name, n) in self.leaving
-                ]
+                )
                 a = self.remove(ActionKind.REMOVE_SNAPSHOT, "snapshot", s.name, n, leaving)
                 if a is not None:
                     removed_snaps[s.name] = a.id
             kept_snaps = [s for s in self.up[n].snapshots.values() if s.name not in removed_snaps]
             used_images = {s.image for s in kept_snaps}
             used_images |= {self.d.snapshots[x].image for x in self.d.snapshots if n in self.snap_need[x]}
-            for img in self.up[n].images.values():
+            for _, img in sorted(self.up[n].images.items()):
                 spec = self.d.images.get(img.name)
                 if (spec and n in spec.nodes) or img.name in used_images:
                     continue
-                deps = [removed_snaps[s.name] for s in self.up[n].snapshots.values() if s.image == img.name]
+                deps = sorted(
+                    removed_snaps[x.name] for x in self.up[n].snapshots.values() if x.image == img.name
+                )
                 self.remove(ActionKind.REMOVE_IMAGE, "image", img.name, n, deps)
 
     def remove(self, kind: ActionKind, what: str, name: str, node: str, deps: list[str]) -> Action | None:

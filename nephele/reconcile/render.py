@@ -57,8 +57,9 @@ def headline(a: Action) -> str:
         text = f"{a.source_node} → {a.node}"
         if a.mode == "cold":
             text += " (cold)"
-        if a.estimate:
-            text += f"  {estimate_text(a.estimate)}"
+        text += (
+            f"  {estimate_text(a.estimate)}" if a.estimate else "  (no estimate: the node reported no sizes)"
+        )
         if a.wave:
             text += f" (wave {a.wave})"
         return text
@@ -78,8 +79,22 @@ def headline(a: Action) -> str:
 
 
 def summary_line(plan: Plan) -> str:
+    """The last line. "No changes" only when that is the whole truth: no errors and nothing unknown."""
+    if plan.errors:
+        n = len(plan.errors)
+        return f"The plan has {n} error{'s' if n != 1 else ''} and cannot be applied."
     if not plan.has_changes:
+        if plan.unknown:
+            n = len(plan.unknown)
+            return (
+                f"No changes on the nodes that answered; {n} object{'s are' if n != 1 else ' is'} unknown, "
+                "so the cloudlet may not match the manifest."
+            )
         return NO_CHANGES
+    return counts_line(plan)
+
+
+def counts_line(plan: Plan) -> str:
     c = plan.counts()
     line = (
         f"Plan: {c['start']} to start, {c['change']} to change, {c['handoff']} to hand off, "
@@ -122,6 +137,8 @@ def render_text(plan: Plan) -> str:
         lines.append("Errors (this plan cannot be applied):")
         lines += [f"  x {e.message}" for e in plan.errors]
         lines.append("")
+    if plan.errors and plan.has_changes:
+        lines.append(counts_line(plan))
     lines.append(summary_line(plan))
     return "\n".join(lines) + "\n"
 
