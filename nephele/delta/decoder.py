@@ -1,0 +1,630 @@
+"""The receiving side: parse frames as they arrive, rebuild each target, verify, then publish.
+
+Each target is rebuilt in a temporary file beside its output (or a scratch file for a callback-only sink).
+Blocks arriving in order go through a 32 MiB window that starts as the base image's bytes and is written
+out sequentially (zero runs are left as holes); blocks behind the window (later pre-copy iterations) are
+written in place. The decoder keeps the nph128 hash of every block it holds, so the END frame's digests
+are checked without reading the images back. Only then, in close(), are the files fsynced and renamed.
+On any error every temporary file is removed and nothing appears at the output paths.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, BinaryIO, NoReturn
+
+import lz4.block
+import numpy as np
+import xxhash
+import zstandard
+
+from nephele.delta import _kernels as K
+from nephele.delta import wire as W
+from nephele.delta.index import BLOCK, BlockIndex, RefReader, image_digest, nblocks_of, zero_hash
+from nephele.delta.stats import StreamStats
+from nephele.errors import DeltaError, NepheleError, StreamCorrupt, StreamTruncated, VerificationFailed
+
+WINDOW_BLOCKS = 8192
+
+
+def _verification(msg: str, *, offset: int) -> VerificationFailed:
+    return VerificationFailed(f"{msg} (at stream byte {offset})")
+
+
+BlockCallback = Callable[[np.ndarray, np.ndarray], None]
+
+
+@dataclass(frozen=True)
+class Sink:
+    """Where a rebuilt target goes: a file (published only after verification), a callback receiving
+    every rebuilt batch as (block_numbers int64[n], data uint8[n, 4096]) in stream order, or both. A
+    callback-only sink still keeps the image in a scratch file (in scratch_dir) to resolve references."""
+
+    path: Path | None = None
+    on_blocks: BlockCallback | None = None
+    scratch_dir: Path | None = None
+
+
+SinkSpec = Sink | Path | str | BlockCallback
+
+
+def _as_sink(spec: SinkSpec) -> Sink:
+    if isinstance(spec, Sink):
+        return spec
+    if isinstance(spec, str | os.PathLike):
+        return Sink(path=Path(spec))
+    if callable(spec):
+        return Sink(on_blocks=spec)
+    raise DeltaError(f"not a sink: {spec!r}")
+
+
+class _Image:
+    """A target image being rebuilt in a temporary file."""
+
+    def __init__(self, sink: Sink, name: str, size: int, base: RefReader | None) -> None:
+        self.final = sink.path
+        self.size = size
+        self.nblocks = nblocks_of(size)
+        self.base = base
+        self.base_n = base.nblocks if base is not None else 0
+        d = sink.path.parent if sink.path is not None else sink.scratch_dir
+        prefix = f".{sink.path.name}." if sink.path is not None else f"nephele-{name}."
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".part", dir=d)
+        except OSError as exc:
+            raise DeltaError(f"cannot create a temporary file for target {name!r} in {d}: {exc}") from exc
+        self.fd = fd
+        self.tmp = Path(tmp)
+        os.ftruncate(fd, self.nblocks * BLOCK)
+        self.W = max(1, min(WINDOW_BLOCKS, self.nblocks))
+        self.wstart = 0
+        self.win: np.ndarray | None = None
+        self.loaded = False
+
+    # The window holds blocks wstart .. wstart+W; everything before wstart is in the file.
+    def _load(self) -> np.ndarray:
+        if self.win is None:
+            self.win = np.empty((self.W, BLOCK), np.uint8)
+        if not self.loaded:
+            k = max(0, min(self.W, self.base_n - self.wstart))
+            if k and self.base is not None:
+                self.base.read_range(self.wstart, self.win[:k])
+            self.win[k:] = 0
+            self.loaded = True
+        return self.win
+
+    def _flush(self) -> None:
+        cnt = min(self.W, self.nblocks - self.wstart)
+        if cnt > 0 and (self.loaded or self.base_n > self.wstart):
+            win = self._load()[:cnt]
+            nz = np.empty(cnt, np.bool_)
+            K.nonzero_rows(win.view(np.uint64), nz)
+            edges = np.flatnonzero(np.diff(np.concatenate(([False], nz, [False])).astype(np.int8)))
+            for a, b in zip(edges[0::2], edges[1::2], strict=True):
+                self._pwrite(win[a:b], self.wstart + int(a))
+        self.wstart += self.W
+        self.loaded = False
+
+    def _pwrite(self, rows: np.ndarray, block: int) -> None:
+        mv = np.ascontiguousarray(rows).data.cast("B")
+        off = block * BLOCK
+        while len(mv):
+            k = os.pwrite(self.fd, mv, off)
+            mv = mv[k:]
+            off += k
+
+    def write(self, blocks: np.ndarray, rows: np.ndarray) -> None:
+        behind = blocks < self.wstart
+        for i in np.flatnonzero(behind):
+            self._pwrite(rows[i : i + 1], int(blocks[i]))
+        ahead = np.flatnonzero(~behind)
+        if ahead.size == 0:
+            return
+        order = np.argsort(blocks[ahead], kind="stable")
+        idx = ahead[order]
+        b = blocks[idx]
+        while idx.size:
+            while int(b[0]) >= self.wstart + self.W:
+                self._flush()
+            cut = int(np.searchsorted(b, self.wstart + self.W))
+            win = self._load()
+            win[b[:cut] - self.wstart] = rows[idx[:cut]]
+            idx, b = idx[cut:], b[cut:]
+
+    def read(self, blocks: np.ndarray) -> np.ndarray:
+        out = np.empty((blocks.shape[0], BLOCK), np.uint8)
+        wend = self.wstart + self.W
+        behind = blocks < self.wstart
+        inwin = ~behind & (blocks < wend)
+        beyond = blocks >= wend
+        for i in np.flatnonzero(behind):
+            mv = out[i].data.cast("B")
+            got = os.preadv(self.fd, [mv], int(blocks[i]) * BLOCK)
+            if got != BLOCK:
+                mv[got:] = bytes(BLOCK - got)
+        if inwin.any():
+            out[inwin] = self._load()[blocks[inwin] - self.wstart]
+        if beyond.any():
+            sel = np.flatnonzero(beyond)
+            out[sel] = 0
+            has = sel[blocks[sel] < self.base_n]
+            if has.size and self.base is not None:
+                out[has] = self.base.gather(blocks[has])
+        return out
+
+    def finish(self) -> None:
+        while self.wstart < self.nblocks:
+            self._flush()
+        os.ftruncate(self.fd, self.size)
+
+    def sync(self) -> None:
+        os.fsync(self.fd)
+        os.close(self.fd)
+        self.fd = -1
+
+    def publish(self) -> None:
+        if self.final is None:
+            self.tmp.unlink(missing_ok=True)
+            return
+        os.chmod(self.tmp, 0o644)
+        os.replace(self.tmp, self.final)
+        try:
+            dfd = os.open(self.final.parent, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError:
+            pass
+
+    def abort(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        self.tmp.unlink(missing_ok=True)
+
+
+@dataclass
+class _Ref:
+    id: str
+    index: BlockIndex
+    reader: RefReader
+
+
+@dataclass
+class _Target:
+    index: int
+    name: str
+    kind: str
+    size: int
+    nblocks: int
+    base: int | None
+    image: _Image
+    hashes: np.ndarray  # nph128 of what this receiver holds at each block
+    on_blocks: BlockCallback | None
+
+
+class Decoder:
+    """Incremental decoder: feed() bytes as they arrive, then close() to verify and publish.
+
+    sinks maps each target name to a Sink, an output path or a block callback. Errors raise
+    StreamCorrupt / StreamTruncated / VerificationFailed (with the stream offset and frame number) and
+    remove every temporary file."""
+
+    def __init__(self, refs: Mapping[str, Path], sinks: Mapping[str, SinkSpec]) -> None:
+        self._ref_paths = {k: Path(v) for k, v in refs.items()}
+        self._sinks = {k: _as_sink(v) for k, v in sinks.items()}
+        self.stats = StreamStats()
+        self._t0 = time.perf_counter()
+        self._buf = bytearray()
+        self._bstart = 0
+        self._pos = 0  # stream offset of _buf[0]
+        self._magic = False
+        self._seq = 0
+        self._frame_off = 0
+        self._refs: list[_Ref] | None = None
+        self._targets: list[_Target] = []
+        self._names: set[str] = set()
+        self._ended = False
+        self._closed = False
+        self._failed: BaseException | None = None
+        self._zd = zstandard.ZstdDecompressor()
+
+    def __enter__(self) -> Decoder:
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if et is not None or not self._closed:
+            self.abort()
+
+    # -- errors ------------------------------------------------------------------------------------
+    def _corrupt(self, msg: str) -> NoReturn:
+        raise StreamCorrupt(f"frame {self._seq}: {msg}", offset=self._frame_off)
+
+    def abort(self) -> None:
+        """Drop everything written so far (idempotent)."""
+        for t in self._targets:
+            t.image.abort()
+        if self._refs is not None:
+            for r in self._refs:
+                r.reader.close()
+        self._closed = True
+
+    def _guard(self, fn: Callable[[], None]) -> None:
+        if self._failed is not None:
+            raise DeltaError(f"decoder already failed: {self._failed}")
+        if self._closed:
+            raise DeltaError("decoder is closed")
+        try:
+            fn()
+        except NepheleError as exc:
+            self._failed = exc
+            self.abort()
+            raise
+        except OSError as exc:
+            self._failed = exc
+            self.abort()
+            raise DeltaError(f"writing the rebuilt image failed: {exc}") from exc
+        except BaseException as exc:
+            self._failed = exc
+            self.abort()
+            raise
+
+    # -- input -------------------------------------------------------------------------------------
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        if len(data) == 0:
+            return
+
+        def run() -> None:
+            if self._bstart > (1 << 20) and self._bstart * 2 > len(self._buf):
+                del self._buf[: self._bstart]
+                self._pos += self._bstart
+                self._bstart = 0
+            self._buf += data
+            self._parse()
+
+        self._guard(run)
+
+    def _parse(self) -> None:
+        buf = self._buf
+        while True:
+            avail = len(buf) - self._bstart
+            self._frame_off = self._pos + self._bstart
+            if not self._magic:
+                if avail < len(W.MAGIC):
+                    if bytes(buf[self._bstart :]) != W.MAGIC[:avail]:
+                        raise StreamCorrupt("not a nephele delta stream (bad magic)", offset=0)
+                    return
+                if bytes(buf[self._bstart : self._bstart + len(W.MAGIC)]) != W.MAGIC:
+                    raise StreamCorrupt("not a nephele delta stream (bad magic)", offset=0)
+                self._bstart += len(W.MAGIC)
+                self.stats.wire_bytes += len(W.MAGIC)
+                self._magic = True
+                continue
+            if avail == 0:
+                return
+            if self._ended:
+                raise StreamCorrupt(f"{avail} bytes of data after the END frame", offset=self._frame_off)
+            if avail < W.FRAME_HEAD.size:
+                return
+            ftype, codec, target, seq, slen, rlen = W.FRAME_HEAD.unpack_from(buf, self._bstart)
+            if ftype not in W.FRAME_TYPES:
+                self._corrupt(f"unknown frame type {ftype}")
+            if codec not in (W.NONE, W.LZ4, W.ZSTD):
+                self._corrupt(f"unknown codec {codec}")
+            if slen > W.MAX_STORED or rlen > W.MAX_RAW or (codec == W.NONE and slen != rlen):
+                self._corrupt(f"bad frame lengths (stored {slen}, raw {rlen})")
+            total = W.FRAME_HEAD.size + slen + W.CHECK.size
+            if avail < total:
+                return
+            end = self._bstart + W.FRAME_HEAD.size + slen
+            with memoryview(buf) as mv:
+                (check,) = W.CHECK.unpack_from(mv, end)
+                if xxhash.xxh3_64_intdigest(mv[self._bstart : end]) != check:
+                    self._corrupt("checksum mismatch")
+                stored = bytes(mv[self._bstart + W.FRAME_HEAD.size : end])
+            if seq != self._seq:
+                self._corrupt(f"frame number {seq} out of sequence")
+            raw = self._decompress(codec, stored, rlen)
+            name = W.FRAME_TYPES[ftype]
+            if self._refs is None and ftype != W.HEADER:
+                self._corrupt(f"{name} frame before the HEADER")
+            if ftype == W.HEADER:
+                self._on_header(target, raw)
+            elif ftype == W.TARGET:
+                self._on_target(target, raw)
+            elif ftype == W.BLOCKS:
+                self._on_blocks(target, raw, slen)
+            else:
+                self._on_end(target, raw)
+            self._bstart += total
+            self._seq += 1
+            self.stats.wire_bytes += total
+            self.stats.frames += 1
+
+    def _decompress(self, codec: int, stored: bytes, rlen: int) -> bytes:
+        try:
+            if codec == W.NONE:
+                raw = stored
+            elif codec == W.LZ4:
+                raw = lz4.block.decompress(stored, uncompressed_size=rlen)
+            else:
+                raw = self._zd.decompress(stored, max_output_size=rlen)
+        except (lz4.block.LZ4BlockError, zstandard.ZstdError, ValueError) as exc:
+            self._corrupt(f"payload does not decompress: {exc}")
+        if len(raw) != rlen:
+            self._corrupt(f"payload decompressed to {len(raw)} bytes, header says {rlen}")
+        return raw
+
+    def _json(self, raw: bytes) -> dict[str, Any]:
+        if len(raw) > W.MAX_JSON:
+            self._corrupt("JSON payload too large")
+        try:
+            obj = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            self._corrupt(f"bad JSON payload: {exc}")
+        if not isinstance(obj, dict):
+            self._corrupt("JSON payload is not an object")
+        return obj
+
+    # -- frames ------------------------------------------------------------------------------------
+    def _on_header(self, target: int, raw: bytes) -> None:
+        if self._refs is not None or self._seq != 0:
+            self._corrupt("duplicate HEADER frame")
+        if target != W.NO_TARGET:
+            self._corrupt("HEADER frame names a target")
+        h = self._json(raw)
+        if h.get("format") != W.FORMAT:
+            self._corrupt(f"unsupported format version {h.get('format')!r} (this decoder reads {W.FORMAT})")
+        if h.get("block_size") != BLOCK:
+            self._corrupt(f"unsupported block size {h.get('block_size')!r}")
+        refs = h.get("refs")
+        if not isinstance(refs, list):
+            self._corrupt("HEADER has no refs list")
+        out: list[_Ref] = []
+        self._refs = out
+        seen: set[str] = set()
+        for r in refs:
+            if not (
+                isinstance(r, dict) and isinstance(r.get("id"), str) and isinstance(r.get("digest"), str)
+            ):
+                self._corrupt(f"bad reference entry {r!r}")
+            if not isinstance(r.get("size"), int):
+                self._corrupt(f"bad reference entry {r!r}")
+            rid = r["id"]
+            if rid in seen:
+                self._corrupt(f"reference {rid!r} listed twice")
+            seen.add(rid)
+            path = self._ref_paths.get(rid)
+            if path is None:
+                self._corrupt(f"the stream needs reference image {rid!r}, which this receiver does not hold")
+            ix = BlockIndex.load_or_build(path)
+            if ix.size != r["size"] or ix.digest.hex() != r["digest"]:
+                raise VerificationFailed(
+                    f"reference image {rid!r} at {path} is not the one the stream was made against "
+                    f"(size {ix.size}, digest {ix.digest.hex()[:16]}… ; stream expects size {r['size']}, "
+                    f"digest {str(r['digest'])[:16]}…)"
+                )
+            out.append(_Ref(rid, ix, RefReader(path, ix.size)))
+
+    def _on_target(self, target: int, raw: bytes) -> None:
+        assert self._refs is not None
+        info = self._json(raw)
+        idx, name, kind, size, base = (info.get(k) for k in ("index", "name", "kind", "size", "base"))
+        if target != len(self._targets) or idx != target:
+            self._corrupt(f"TARGET frame declares index {idx!r}, expected {len(self._targets)}")
+        if not isinstance(name, str) or not name or name in self._names:
+            self._corrupt(f"bad or repeated target name {name!r}")
+        if kind not in W.KINDS:
+            self._corrupt(f"target {name!r}: bad kind {kind!r}")
+        if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= 1 << 50:
+            self._corrupt(f"target {name!r}: bad size {size!r}")
+        bpos: int | None = None
+        if base is not None:
+            ids = [r.id for r in self._refs]
+            if base not in ids:
+                self._corrupt(f"target {name!r}: base {base!r} is not a reference of this stream")
+            bpos = ids.index(base)
+        sink = self._sinks.get(name)
+        if sink is None:
+            raise DeltaError(f"the stream carries target {name!r} but no output was given for it")
+        n = nblocks_of(size)
+        hashes = np.empty((n, 2), np.uint64)
+        hashes[:] = zero_hash()
+        reader = None
+        if bpos is not None:
+            bref = self._refs[bpos]
+            reader = bref.reader
+            k = min(n, bref.index.nblocks)
+            hashes[:k] = bref.index.hashes[:k]
+        image = _Image(sink, name, size, reader)
+        self._targets.append(_Target(target, name, kind, size, n, bpos, image, hashes, sink.on_blocks))
+        self._names.add(name)
+        self.stats.kind(kind)
+        self.stats.input_bytes += size
+
+    def _on_blocks(self, target: int, raw: bytes, slen: int) -> None:
+        assert self._refs is not None
+        if target >= len(self._targets):
+            self._corrupt(f"BLOCKS frame for unknown target {target}")
+        st = self._targets[target]
+        if len(raw) < W.BLOCKS_HEAD.size:
+            self._corrupt("BLOCKS payload too short")
+        n, nval, nargs, reserved = W.BLOCKS_HEAD.unpack_from(raw, 0)
+        if reserved != 0 or len(raw) != W.blocks_raw_len(n, nval, nargs):
+            self._corrupt(
+                f"BLOCKS payload of {len(raw)} bytes does not match its counts ({n}, {nval}, {nargs})"
+            )
+        if n == 0:
+            self._corrupt("empty BLOCKS frame")
+        p = W.BLOCKS_HEAD.size
+        deltas = np.frombuffer(raw, "<i8", n, p)
+        p += 8 * n
+        ops = np.frombuffer(raw, np.uint8, n, p)
+        p += n
+        args = np.frombuffer(raw, "<i8", nargs, p).astype(np.int64)
+        p += 8 * nargs
+        vals = np.frombuffer(raw, np.uint8, nval * BLOCK, p).reshape(nval, BLOCK)
+        with np.errstate(over="ignore"):
+            blocks = np.cumsum(deltas.astype(np.int64))
+        if int(blocks.min()) < 0 or int(blocks.max()) >= st.nblocks:
+            self._corrupt(f"block number outside target {st.name!r} (0..{st.nblocks - 1})")
+        if np.unique(blocks).size != n:
+            self._corrupt("a block is listed twice in one frame")
+        if int(ops.max()) > K.KEEP:
+            self._corrupt(f"unknown block op {int(ops.max())}")
+        isval = (ops == K.RAW) | (ops == K.XOR)
+        isarg = (ops == K.REF) | (ops == K.STREAM)
+        if int(isval.sum()) != nval or int(isarg.sum()) != nargs:
+            self._corrupt("op counts do not match the frame's value and argument counts")
+        needbase = (ops == K.BASE) | (ops == K.XOR)
+        if needbase.any():
+            if st.base is None:
+                self._corrupt(f"target {st.name!r} has no base but the frame copies or XORs base blocks")
+            if int(blocks[needbase].max()) >= st.image.base_n:
+                self._corrupt("a base block beyond the end of the base image")
+        argops = ops[isarg]
+        argpos = np.flatnonzero(isarg)
+        if nargs and int(args.min()) < 0:
+            self._corrupt("negative block reference")
+        aref = args >> 40
+        ablk = args & K.LOW40
+        refm = argops == K.REF
+        strm = argops == K.STREAM
+        if refm.any():
+            rr = aref[refm]
+            if int(rr.max()) >= len(self._refs):
+                self._corrupt(f"reference to unknown reference image #{int(rr.max())}")
+            lim = np.array([r.index.nblocks for r in self._refs], np.int64)
+            if (ablk[refm] >= lim[rr]).any():
+                self._corrupt("reference to a block beyond the end of a reference image")
+        if strm.any():
+            tt = aref[strm]
+            if int(tt.max()) >= len(self._targets):
+                self._corrupt(f"reference to unknown target #{int(tt.max())}")
+            lim = np.array([t.nblocks for t in self._targets], np.int64)
+            if (ablk[strm] >= lim[tt]).any():
+                self._corrupt("reference to a block beyond the end of a target")
+
+        out = np.empty((n, BLOCK), np.uint8)
+        sel = np.flatnonzero(ops == K.BASE)
+        base_reader = self._refs[st.base].reader if st.base is not None else None
+        if sel.size and base_reader is not None:
+            out[sel] = base_reader.gather(blocks[sel])
+        out[ops == K.ZERO] = 0
+        vpos = np.flatnonzero(isval)
+        out[vpos] = vals
+        xsel = np.flatnonzero(ops == K.XOR)
+        if xsel.size and base_reader is not None:
+            out[xsel] ^= base_reader.gather(blocks[xsel])
+        if refm.any():
+            rpos, rr, rb = argpos[refm], aref[refm], ablk[refm]
+            for r in np.unique(rr):
+                m = rr == r
+                out[rpos[m]] = self._refs[int(r)].reader.gather(rb[m])
+        phase1 = np.flatnonzero((ops != K.STREAM) & (ops != K.KEEP))
+        if phase1.size:
+            st.image.write(blocks[phase1], out[phase1])
+        if strm.any():
+            spos, tt, sb = argpos[strm], aref[strm], ablk[strm]
+            for t in np.unique(tt):
+                m = tt == t
+                out[spos[m]] = self._targets[int(t)].image.read(sb[m])
+            st.image.write(blocks[spos], out[spos])
+        keep = np.flatnonzero(ops == K.KEEP)
+        if keep.size and st.on_blocks is not None:
+            out[keep] = st.image.read(blocks[keep])
+        changed = np.flatnonzero(ops != K.KEEP)
+        if changed.size:
+            rows = out if changed.size == n else np.ascontiguousarray(out[changed])
+            h = np.empty((changed.size, 2), np.uint64)
+            K.hash_blocks(rows.view(np.uint64), h)
+            st.hashes[blocks[changed]] = h
+        if st.on_blocks is not None:
+            st.on_blocks(blocks, out)
+        ks = self.stats.kind(st.kind)
+        ks.add_ops(ops)
+        ks.raw_bytes += len(raw)
+        ks.payload_bytes += slen
+        ks.wire_bytes += slen + W.OVERHEAD
+        ks.frames += 1
+
+    def _on_end(self, target: int, raw: bytes) -> None:
+        info = self._json(raw)
+        entries = info.get("targets")
+        if not isinstance(entries, list) or len(entries) != len(self._targets):
+            self._corrupt(
+                f"END frame lists {len(entries or [])} targets, the stream declared {len(self._targets)}"
+            )
+        seen = set()
+        for e in entries:
+            if not isinstance(e, dict):
+                self._corrupt("bad END entry")
+            i = e.get("index")
+            if not isinstance(i, int) or not 0 <= i < len(self._targets) or i in seen:
+                self._corrupt(f"END entry for unknown or repeated target {i!r}")
+            seen.add(i)
+            t = self._targets[i]
+            if e.get("blocks") != t.nblocks or not isinstance(e.get("digest"), str):
+                self._corrupt(f"END entry for target {t.name!r} is malformed")
+            t.image.finish()
+            have = image_digest(t.size, t.hashes).hex()
+            if have != e["digest"]:
+                raise _verification(
+                    f"frame {self._seq}: target {t.name!r}: rebuilt image does not match the sender digest "
+                    f"({have[:16]}… != {e['digest'][:16]}…)",
+                    offset=self._frame_off,
+                )
+        self._ended = True
+
+    # -- the end -----------------------------------------------------------------------------------
+    def close(self) -> StreamStats:
+        """Check the stream is complete and verified, then fsync and publish every target."""
+
+        def run() -> None:
+            if not self._magic or not self._ended:
+                total = self._pos + len(self._buf)
+                partial = len(self._buf) - self._bstart
+                where = f"inside frame {self._seq}" if partial else f"before frame {self._seq}"
+                raise StreamTruncated(
+                    f"stream ended {where} without its END frame ({total} bytes received)", offset=total
+                )
+            missing = sorted(set(self._sinks) - self._names)
+            if missing:
+                raise DeltaError(f"the stream carries no target named {', '.join(map(repr, missing))}")
+            for t in self._targets:
+                t.image.sync()
+            for t in self._targets:
+                t.image.publish()
+            if self._refs is not None:
+                for r in self._refs:
+                    r.reader.close()
+            self._closed = True
+
+        self._guard(run)
+        self.stats.seconds = time.perf_counter() - self._t0
+        return self.stats
+
+
+def decode_files(inp: BinaryIO, refs: Mapping[str, Path], outputs: Mapping[str, Path]) -> StreamStats:
+    """Read a whole stream and write each target to outputs[name]; nothing is left there on error."""
+    dec = Decoder(refs, {k: Path(v) for k, v in outputs.items()})
+    try:
+        while True:
+            chunk = inp.read(4 << 20)
+            if not chunk:
+                break
+            dec.feed(chunk)
+        return dec.close()
+    except BaseException:
+        dec.abort()
+        raise

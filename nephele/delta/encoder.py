@@ -1,0 +1,410 @@
+"""The sending side: classify blocks, dedup, XOR, compress in batches, write frames (wire.py)."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Literal
+
+import lz4.block
+import numpy as np
+import xxhash
+import zstandard
+
+from nephele.delta import _kernels as K
+from nephele.delta import wire as W
+from nephele.delta.index import BLOCK, RefSet, image_digest, nblocks_of, read_full, zero_hash
+from nephele.delta.stats import StreamStats
+from nephele.errors import DeltaError
+
+CHUNK_BLOCKS = 8192  # encode_files streams each image in 32 MiB chunks through reused buffers
+MAX_ENTRIES = 1 << 16  # entries per BLOCKS frame
+
+
+@dataclass(frozen=True)
+class Target:
+    """One image to rebuild on the receiver."""
+
+    name: str  # e.g. "disk", "memory"
+    kind: Literal["disk", "memory"]
+    path: Path  # the new image (sender side)
+    base: str | None  # ref id of its base image (same-offset "unchanged" test and XOR delta), or None
+
+
+@dataclass
+class _TargetState:
+    index: int
+    name: str
+    kind: str
+    size: int
+    nblocks: int
+    base: int | None  # position in the RefSet
+    start: int  # global index of block 0
+
+
+class Encoder:
+    """Incremental encoder: declare targets, put blocks (any order, repeats allowed: later wins), finish.
+
+    ``refs`` are the images the receiver holds. Unless ``emit_keep`` is False, every block put produces an
+    entry (a KEEP costs a few bytes before compression) so a receiver with a callback sink sees every block.
+    """
+
+    def __init__(
+        self,
+        refs: RefSet | Mapping[str, Path],
+        out: BinaryIO,
+        codec: str = "lz4",
+        level: int | None = None,
+        *,
+        batch_blocks: int | None = None,
+        emit_keep: bool = True,
+    ) -> None:
+        if codec not in W.CODECS:
+            raise DeltaError(f"unknown codec {codec!r} (choose from {', '.join(W.CODECS)})")
+        self.refs = refs if isinstance(refs, RefSet) else RefSet.open(refs)
+        self._own_refs = not isinstance(refs, RefSet)
+        self._out = out
+        self._codec = W.CODECS[codec]
+        self._level = level
+        self._zc = zstandard.ZstdCompressor(level=3 if level is None else level) if codec == "zstd" else None
+        default_batch = 32 if codec == "zstd" else 16
+        self.batch_blocks = max(1, batch_blocks or default_batch)
+        self.emit_keep = emit_keep
+        self.stats = StreamStats()
+        self._t0 = time.perf_counter()
+        self._seq = 0
+        self._targets: list[_TargetState] = []
+        self._names: dict[str, int] = {}
+        self._cur_h = np.zeros((0, 2), np.uint64)
+        self._stamp = np.zeros(0, np.int64)
+        self._tstart = np.zeros(1, np.int64)
+        self._call = 0
+        self._skeys = np.zeros(1 << 12, np.uint64)
+        self._svals = np.zeros(1 << 12, np.int64)
+        self._sused = 0
+        self._finished = False
+        self.collisions = 0  # reference candidates whose bytes differed (sent by value instead)
+        self._write(W.MAGIC)
+        header = {
+            "format": W.FORMAT,
+            "block_size": BLOCK,
+            "refs": [
+                {"id": rid, "size": ix.size, "digest": ix.digest.hex()}
+                for rid, ix in zip(self.refs.ids, self.refs.indexes, strict=True)
+            ],
+        }
+        self._frame(W.HEADER, W.NO_TARGET, W.json_payload(header), compress=False)
+
+    # -- declaring targets -------------------------------------------------------------------------
+    def begin_target(self, name: str, kind: str, size: int, base: str | None = None) -> int:
+        if self._finished:
+            raise DeltaError("encoder already finished")
+        if not name or len(name.encode()) > 255:
+            raise DeltaError(f"target name {name!r} must be 1 to 255 bytes")
+        if name in self._names:
+            raise DeltaError(f"target {name!r} declared twice")
+        if kind not in W.KINDS:
+            raise DeltaError(f"target {name!r}: kind must be one of {W.KINDS}, not {kind!r}")
+        if size < 0 or size > 1 << 50:
+            raise DeltaError(f"target {name!r}: size {size} out of range")
+        if len(self._targets) >= W.MAX_TARGETS:
+            raise DeltaError("too many targets")
+        bpos = self.refs.position(base) if base is not None else None
+        n = nblocks_of(size)
+        t = _TargetState(len(self._targets), name, kind, size, n, bpos, int(self._tstart[-1]))
+        init = np.empty((n, 2), np.uint64)
+        init[:] = zero_hash()
+        if bpos is not None:
+            bh = self.refs.indexes[bpos].hashes
+            k = min(n, bh.shape[0])
+            init[:k] = bh[:k]
+            # A partial last base block inside the target is compared zero-padded on both ends.
+        self._cur_h = np.concatenate([self._cur_h, init])
+        self._stamp = np.concatenate([self._stamp, np.zeros(n, np.int64)])
+        self._tstart = np.append(self._tstart, t.start + n)
+        self._targets.append(t)
+        self._names[name] = t.index
+        self.stats.kind(kind)
+        info = {"index": t.index, "name": name, "kind": kind, "size": size, "base": base}
+        self._frame(W.TARGET, t.index, W.json_payload(info), compress=False)
+        return t.index
+
+    def _target(self, target: str | int) -> _TargetState:
+        if isinstance(target, int):
+            if 0 <= target < len(self._targets):
+                return self._targets[target]
+        elif target in self._names:
+            return self._targets[self._names[target]]
+        raise DeltaError(f"unknown target {target!r}")
+
+    # -- putting blocks ----------------------------------------------------------------------------
+    def put_blocks(self, target: str | int, block_numbers: np.ndarray, data: np.ndarray) -> None:
+        """Send the current content of some blocks; a block put again later replaces what was sent."""
+        if self._finished:
+            raise DeltaError("encoder already finished")
+        t = self._target(target)
+        blocks = np.asarray(block_numbers, dtype=np.int64).reshape(-1)
+        rows = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1, BLOCK)
+        if rows.shape[0] != blocks.shape[0]:
+            raise DeltaError(f"{blocks.shape[0]} block numbers but {rows.shape[0]} blocks of data")
+        if blocks.size == 0:
+            return
+        if int(blocks.min()) < 0 or int(blocks.max()) >= t.nblocks:
+            raise DeltaError(f"target {t.name!r}: block number outside 0..{t.nblocks - 1}")
+        uniq = np.unique(blocks)
+        if uniq.size != blocks.size:  # keep the last occurrence of each block, in call order
+            rev_first = np.unique(blocks[::-1], return_index=True)[1]
+            keep = np.sort(blocks.size - 1 - rev_first)
+            blocks, rows = blocks[keep], rows[keep]
+        base_rows = np.zeros_like(rows)
+        has_base = np.zeros(blocks.shape[0], np.bool_)
+        base_h = np.zeros((blocks.shape[0], 2), np.uint64)
+        if t.base is not None:
+            bix = self.refs.indexes[t.base]
+            has_base = blocks < bix.nblocks
+            sel = np.flatnonzero(has_base)
+            if sel.size:
+                base_rows[sel] = self.refs.readers[t.base].gather(blocks[sel])
+                base_h[sel] = bix.hashes[blocks[sel]]
+        self.stats.input_bytes += rows.shape[0] * BLOCK
+        self._put(t, blocks, rows, base_rows, has_base, base_h, self.emit_keep)
+
+    def _put(
+        self,
+        t: _TargetState,
+        blocks: np.ndarray,
+        rows: np.ndarray,
+        base_rows: np.ndarray,
+        has_base: np.ndarray,
+        base_h: np.ndarray,
+        emit_keep: bool,
+    ) -> None:
+        n = blocks.shape[0]
+        self._reserve_stream_slots(n)
+        self._call += 1
+        cls = np.empty(n, np.uint8)
+        arg = np.empty(n, np.int64)
+        gidx = blocks + t.start
+        data64 = rows.view(np.uint64)
+        base64 = base_rows.view(np.uint64)
+        rs = self.refs
+        self._sused += K.classify(
+            data64, base64, has_base, base_h, gidx, self._cur_h, self._stamp, self._call,
+            rs.keys, rs.vals, rs.h2s, self._skeys, self._svals, self._tstart, cls, arg,
+        )  # fmt: skip
+        self._confirm_refs(cls, arg, rows, base_rows, has_base)
+        idx = np.arange(n) if emit_keep else np.flatnonzero(cls != K.KEEP)
+        if idx.size:
+            self._emit(t, blocks[idx], cls[idx], arg[idx], rows, base_rows, idx)
+
+    def _confirm_refs(
+        self, cls: np.ndarray, arg: np.ndarray, rows: np.ndarray, base_rows: np.ndarray, has_base: np.ndarray
+    ) -> None:
+        """Compare each reference candidate with the reference's bytes; a mismatch is sent by value."""
+        refi = np.flatnonzero(cls == K.REF)
+        if refi.size == 0:
+            return
+        rpos = arg[refi] >> 40
+        rblk = arg[refi] & K.LOW40
+        cand = np.empty((refi.size, BLOCK), np.uint8)
+        for r in np.unique(rpos):
+            sel = np.flatnonzero(rpos == r)
+            cand[sel] = self.refs.readers[int(r)].gather(rblk[sel])
+        eq = np.empty(refi.size, np.bool_)
+        K.rows_equal(np.ascontiguousarray(rows[refi]).view(np.uint64), cand.view(np.uint64), eq)
+        bad = refi[~eq]
+        if bad.size:
+            self.collisions += int(bad.size)
+            small = np.zeros(bad.size, np.bool_)
+            K.xor_count_small(
+                np.ascontiguousarray(rows[bad]).view(np.uint64),
+                np.ascontiguousarray(base_rows[bad]).view(np.uint64),
+                small,
+            )
+            cls[bad] = np.where(small & has_base[bad], K.XOR, K.RAW)
+            arg[bad] = 0
+
+    def _reserve_stream_slots(self, n: int) -> None:
+        cap = self._skeys.shape[0]
+        if (self._sused + n) * 2 <= cap:
+            return
+        new_cap = cap
+        while (self._sused + n) * 2 > new_cap:
+            new_cap *= 2
+        keys = np.zeros(new_cap, np.uint64)
+        vals = np.zeros(new_cap, np.int64)
+        self._sused = K.stream_table_rehash(self._skeys, self._svals, keys, vals)
+        self._skeys, self._svals = keys, vals
+
+    def _emit(
+        self,
+        t: _TargetState,
+        blocks: np.ndarray,
+        ops: np.ndarray,
+        args: np.ndarray,
+        rows: np.ndarray,
+        base_rows: np.ndarray,
+        rowidx: np.ndarray,
+    ) -> None:
+        isval = (ops == K.RAW) | (ops == K.XOR)
+        isarg = (ops == K.REF) | (ops == K.STREAM)
+        vrow = rowidx[isval]
+        values = rows[vrow]
+        xr = ops[isval] == K.XOR
+        if xr.any():
+            values[xr] ^= base_rows[vrow[xr]]
+        allargs = args[isarg]
+        vcum = np.cumsum(isval)
+        acum = np.cumsum(isarg)
+        m = ops.shape[0]
+        start = 0
+        ks = self.stats.kind(t.kind)
+        ks.add_ops(ops)
+        while start < m:
+            v0 = int(vcum[start - 1]) if start else 0
+            a0 = int(acum[start - 1]) if start else 0
+            end = int(np.searchsorted(vcum, v0 + self.batch_blocks, side="left")) + 1
+            end = min(end, start + MAX_ENTRIES, m)
+            v1 = int(vcum[end - 1])
+            a1 = int(acum[end - 1])
+            b = blocks[start:end]
+            parts = [
+                W.BLOCKS_HEAD.pack(end - start, v1 - v0, a1 - a0, 0),
+                np.diff(b, prepend=np.int64(0)).astype("<i8").tobytes(),
+                ops[start:end].tobytes(),
+                allargs[a0:a1].astype("<i8").tobytes(),
+                values[v0:v1].tobytes(),
+            ]
+            raw = b"".join(parts)
+            stored = self._frame(W.BLOCKS, t.index, raw, compress=True)
+            ks.raw_bytes += len(raw)
+            ks.payload_bytes += stored
+            ks.wire_bytes += stored + W.OVERHEAD
+            ks.frames += 1
+            start = end
+
+    # -- frames ------------------------------------------------------------------------------------
+    def _compress(self, raw: bytes) -> bytes:
+        if self._codec == W.LZ4:
+            lvl = self._level
+            if lvl is None or lvl == 0:
+                out: bytes = lz4.block.compress(raw, store_size=False)
+            elif lvl < 0:
+                out = lz4.block.compress(raw, mode="fast", acceleration=-lvl, store_size=False)
+            else:
+                out = lz4.block.compress(raw, mode="high_compression", compression=lvl, store_size=False)
+            return out
+        assert self._zc is not None
+        return self._zc.compress(raw)
+
+    def _frame(self, ftype: int, target: int, raw: bytes, *, compress: bool) -> int:
+        if len(raw) > W.MAX_RAW:
+            raise DeltaError(f"frame payload of {len(raw)} bytes exceeds {W.MAX_RAW}")
+        codec, stored = W.NONE, raw
+        if compress and self._codec != W.NONE:
+            c = self._compress(raw)
+            if len(c) < len(raw):
+                codec, stored = self._codec, c
+        head = W.FRAME_HEAD.pack(ftype, codec, target, self._seq, len(stored), len(raw))
+        h = xxhash.xxh3_64(head)
+        h.update(stored)
+        self._write(head)
+        self._write(stored)
+        self._write(W.CHECK.pack(h.intdigest()))
+        self._seq += 1
+        self.stats.frames += 1
+        return len(stored)
+
+    def _write(self, b: bytes) -> None:
+        self._out.write(b)
+        self.stats.wire_bytes += len(b)
+
+    # -- finishing ---------------------------------------------------------------------------------
+    def digest(self, target: str | int) -> bytes:
+        """The verification digest of what the receiver holds for target after what was put so far."""
+        t = self._target(target)
+        return image_digest(t.size, self._cur_h[t.start : t.start + t.nblocks])
+
+    def finish(self, final_hashes: Mapping[str, bytes] | None = None) -> StreamStats:
+        """Write the END frame. final_hashes, if given, are digests (index.image_digest) of the true
+        images computed by the caller; otherwise the digest of what was sent is used."""
+        if self._finished:
+            raise DeltaError("encoder already finished")
+        entries = []
+        for t in self._targets:
+            d = (final_hashes or {}).get(t.name) or self.digest(t.index)
+            entries.append({"index": t.index, "name": t.name, "blocks": t.nblocks, "digest": d.hex()})
+        self._frame(W.END, W.NO_TARGET, W.json_payload({"targets": entries}), compress=False)
+        self._finished = True
+        self.stats.seconds = time.perf_counter() - self._t0
+        if self._own_refs:
+            self.refs.close()
+        return self.stats
+
+
+def encode_files(
+    refs: Mapping[str, Path],
+    targets: Sequence[Target],
+    out: BinaryIO,
+    *,
+    codec: str = "lz4",
+    level: int | None = None,
+    batch_blocks: int | None = None,
+) -> StreamStats:
+    """Write one stream that rebuilds every target from the refs the receiver holds (a single file
+    holding this stream is the export format)."""
+    rs = RefSet.open(refs)
+    try:
+        for t in targets:
+            if t.base is not None and t.base not in refs:
+                raise DeltaError(f"target {t.name!r}: base {t.base!r} is not among the reference images")
+        enc = Encoder(rs, out, codec, level, batch_blocks=batch_blocks, emit_keep=False)
+        fds: list[int] = []
+        try:
+            for t in targets:
+                try:
+                    fd = os.open(t.path, os.O_RDONLY)
+                except OSError as exc:
+                    raise DeltaError(f"cannot open target image {t.path}: {exc.strerror}") from exc
+                fds.append(fd)
+                enc.begin_target(t.name, t.kind, os.fstat(fd).st_size, t.base)
+            for t, fd in zip(targets, fds, strict=True):
+                _encode_file(enc, enc._target(t.name), fd, t.path)
+        finally:
+            for fd in fds:
+                os.close(fd)
+        return enc.finish()
+    finally:
+        rs.close()
+
+
+def _encode_file(enc: Encoder, t: _TargetState, fd: int, path: Path) -> None:
+    rs = enc.refs
+    cap = min(CHUNK_BLOCKS, max(t.nblocks, 1))
+    buf = np.empty((cap, BLOCK), np.uint8)
+    bbuf = np.zeros((cap, BLOCK), np.uint8)
+    mv = buf.data.cast("B")
+    base_n = rs.indexes[t.base].nblocks if t.base is not None else 0
+    for start in range(0, t.nblocks, CHUNK_BLOCKS):
+        cnt = min(CHUNK_BLOCKS, t.nblocks - start)
+        want = min(cnt * BLOCK, t.size - start * BLOCK)
+        got = read_full(fd, mv[:want], start * BLOCK)
+        if got != want:
+            raise DeltaError(f"{path} shrank while being encoded (short read at byte {start * BLOCK + got})")
+        if want < cnt * BLOCK:
+            mv[want : cnt * BLOCK] = bytes(cnt * BLOCK - want)
+        blocks = np.arange(start, start + cnt, dtype=np.int64)
+        nb = max(0, min(cnt, base_n - start))
+        has_base = np.zeros(cnt, np.bool_)
+        has_base[:nb] = True
+        base_h = np.zeros((cnt, 2), np.uint64)
+        if t.base is not None and nb:
+            rs.readers[t.base].read_range(start, bbuf[:nb])
+            base_h[:nb] = rs.indexes[t.base].hashes[start : start + nb]
+        enc.stats.input_bytes += want
+        enc._put(t, blocks, buf[:cnt], bbuf[:cnt], has_base, base_h, False)
+    if os.fstat(fd).st_size != t.size:
+        raise DeltaError(f"{path} changed size while being encoded")
