@@ -249,18 +249,20 @@ class Hypervisor:
             dom.create()
 
     def destroy(self, dom: Any) -> None:
+        """Stop a domain now; a domain that is already gone (a transient one after save) is fine."""
         try:
-            if dom.isActive():
-                dom.destroy()
+            dom.destroy()
         except libvirt.libvirtError as exc:
-            if dom.isActive():
-                raise NodeError(f"cannot stop {dom.name()}: {exc.get_error_message()}") from None
+            if exc.get_error_code() in (libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_OPERATION_INVALID):
+                return  # not running, or no longer exists
+            raise NodeError(f"cannot stop {dom.name()}: {exc.get_error_message()}") from None
 
     def undefine(self, dom: Any) -> None:
         try:
-            if dom.isPersistent():
-                dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE)
+            dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE)
         except libvirt.libvirtError as exc:
+            if exc.get_error_code() in (libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_OPERATION_INVALID):
+                return
             raise NodeError(f"cannot undefine {dom.name()}: {exc.get_error_message()}") from None
 
     def define(self, xml: str) -> Any:
@@ -276,7 +278,7 @@ class Hypervisor:
         with libvirt_errors(f"cannot read the domain in memory state {path}"):
             return str(self.conn.saveImageGetXMLDesc(str(path), 0))
 
-    def restore(self, path: Path, xml: str, *, running: bool = True) -> None:
+    def restore(self, path: Path, xml: str | None = None, *, running: bool = True) -> None:
         flags = libvirt.VIR_DOMAIN_SAVE_RUNNING if running else libvirt.VIR_DOMAIN_SAVE_PAUSED
         with libvirt_errors(f"cannot restore memory state {path}"):
             self.conn.restoreFlags(str(path), xml, flags)

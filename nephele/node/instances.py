@@ -21,10 +21,14 @@ from typing import Any
 from nephele.errors import Conflict, InvalidInput, NodeError, NotFound
 from nephele.model import PortMap
 from nephele.node import domain as dx
-from nephele.node import images
+from nephele.node import images, savefile
 from nephele.node.hypervisor import DomainInfo, qemu_pid
 from nephele.node.runtime import NodeContext
 from nephele.node.store import atomic_write_json
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def parse_ports(value: Any) -> tuple[PortMap, ...]:
@@ -142,7 +146,7 @@ def run(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
         name = f"nephele-{uuid.replace('-', '')[:12]}"
         inst_dir = ctx.store.instance_dir(uuid)
         inst_dir.mkdir(parents=True)
-        started = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        started = _now()
         tags = {
             "role": "instance",
             "title": title,
@@ -178,7 +182,14 @@ def run(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
             if disk_only:
                 dom = ctx.hv.create(xml, f"instance {title!r}")  # cold boot of the image's disk
             else:
-                ctx.hv.restore(image.memory, xml, running=True)
+                # libvirt will not restore a save image under another UUID: restore a copy whose
+                # header carries this instance's XML, then drop it (QEMU has read it all).
+                restore_file = inst_dir / "memory.restore"
+                savefile.copy_with_xml(image.memory, restore_file, xml)
+                try:
+                    ctx.hv.restore(restore_file, None, running=True)
+                finally:
+                    restore_file.unlink(missing_ok=True)
                 dom = ctx.hv.lookup(uuid)
                 if dom is None:
                     raise NodeError(f"instance {title!r} vanished right after its restore")
@@ -253,6 +264,7 @@ def start(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
         with ctx.store.lock("start"):
             check_ports_free(ctx, dx.ports_from_text(info.tags.get("ports")), exclude_uuid=info.uuid)
             ctx.hv.start(dom)
+            ctx.hv.set_tags(dom, {**info.tags, "started": _now()})
     ctx.log.info("start %s (%s)", info.tags.get("title"), info.uuid)
     return record(ctx.hv.info(dom))
 

@@ -203,6 +203,7 @@ class Store:
             fsync_file(staged / name)
         atomic_write_json(staged / META, dict(meta))
         target = self.images / cid
+        os.chmod(staged, 0o755)  # mkdtemp made it private; QEMU and other tools read it
         if target.exists():
             return self.image_at(target), False
         self.images.mkdir(parents=True, exist_ok=True)
