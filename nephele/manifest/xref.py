@@ -54,6 +54,16 @@ def check(data: Any, pos: Positions) -> list[Problem]:
         if _NAME.match(value):
             problems.append(pos.problem(path, f"'{value}' is not a declared {kind}"))
 
+    for name, spec in _entries(data, "nodes"):
+        (handoff, handoff_default, _), (ssh, _, _) = _node_ports(spec)
+        if handoff == ssh:
+            # Point at whichever of the two was written (handoffPort if both were).
+            at: Path = ("nodes", name, "handoffPort")
+            other = "ssh.port"
+            if handoff_default:
+                at, other = ("nodes", name, "ssh", "port"), "handoffPort"
+            problems.append(pos.problem(at, f"{handoff} is also the node's {other}"))
+
     # Where each image must be present; the default is every node.
     image_nodes: dict[str, set[str]] = {}
     for name, spec in _entries(data, "images"):

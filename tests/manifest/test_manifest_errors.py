@@ -280,6 +280,16 @@ XREF_CASES = [
         ],
     ),
     (
+        "a node's handoff port is not its ssh port",
+        edit("{address: 10.201.0.1}", "{address: 10.201.0.1, handoffPort: 22}").replace(
+            "{address: 10.201.0.2, handoffPort: 9022}", "{address: 10.201.0.2, ssh: {port: 8022}}"
+        ),
+        [
+            "m.yaml:5:46: nodes.edge-a.handoffPort: 22 is also the node's ssh.port",
+            "m.yaml:6:45: nodes.edge-b.ssh.port: 8022 is also the node's handoffPort",
+        ],
+    ),
+    (
         "a snapshot's image must be on the node of an instance using it",
         edit("node: edge-a,", "node: edge-b,"),
         [
