@@ -688,14 +688,17 @@ class _Planner:
             return ordered
         by_id = {a.id: a for a in ordered}
 
-        def ancestors(aid: str, seen: set[str]) -> set[str]:
-            for dep in by_id[aid].depends_on:
-                if dep in by_id and dep not in seen:
-                    seen.add(dep)
-                    ancestors(dep, seen)
+        def ancestors(aid: str) -> set[str]:
+            seen: set[str] = set()
+            stack = [aid]
+            while stack:
+                for dep in by_id[stack.pop()].depends_on:
+                    if dep in by_id and dep not in seen:
+                        seen.add(dep)
+                        stack.append(dep)
             return seen
 
-        needs = {aid: {x for x in ancestors(aid, set()) if x in hand} for aid in hand}
+        needs = {aid: {x for x in ancestors(aid) if x in hand} for aid in hand}
         pending = sorted(hand.values(), key=lambda a: (a.estimate.bytes if a.estimate else 0, a.id))
         wave_of: dict[str, int] = {}
         limit = max(1, self.d.policy.max_parallel_handoffs)
