@@ -66,9 +66,14 @@ def generate(nodes: int, images: int, instances: int, seed: int = 1) -> tuple[st
         elif roll < 0.20:  # desired stopped, observed running -> stop
             doc["instances"][name]["state"] = "stopped"
         observed["nodes"][where]["instances"][name] = {
-            "uuid": f"u-{i}", "snapshot": snap, "state": state, "ports": [port], "manifest": "scale",
-            "memory_bytes": 256 * 2**20, "dirty_bytes": rng.randrange(10, 200) * 2**20,
-        }  # fmt: skip
+            "uuid": f"u-{i}",
+            "snapshot": snap,
+            "state": state,
+            "ports": [port],
+            "manifest": "scale",
+            "memory_bytes": 256 * 2**20,
+            "dirty_bytes": rng.randrange(10, 200) * 2**20,
+        }
     return yaml.safe_dump(doc, sort_keys=False), observed
 
 

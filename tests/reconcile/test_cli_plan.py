@@ -102,8 +102,12 @@ def test_invalid_manifest_reports_its_problems(files: dict[str, Path], capsys: A
 
 def test_plan_with_errors_exits_1_and_saves_nothing(files: dict[str, Path], capsys: Any) -> None:
     obs = observed_dict()
-    obs["nodes"]["edge-a"]["instances"]["intruder"] = {"uuid": "x", "snapshot": "web", "state": "running",
-                                                       "ports": ["9090:80"]}  # fmt: skip
+    obs["nodes"]["edge-a"]["instances"]["intruder"] = {
+        "uuid": "x",
+        "snapshot": "web",
+        "state": "running",
+        "ports": ["9090:80"],
+    }
     files["observed"].write_text(json.dumps(obs))
     out_file = files["dir"] / "plan.json"
     code, out, _ = run(
@@ -148,8 +152,12 @@ def test_out_saves_a_loadable_plan_with_the_manifest_hash(files: dict[str, Path]
 
 def test_inventory_enables_prune(files: dict[str, Path], capsys: Any) -> None:
     obs = observed_dict()
-    obs["nodes"]["edge-a"]["instances"]["old"] = {"uuid": "o", "snapshot": "web", "state": "running",
-                                                  "manifest": "demo"}  # fmt: skip
+    obs["nodes"]["edge-a"]["instances"]["old"] = {
+        "uuid": "o",
+        "snapshot": "web",
+        "state": "running",
+        "manifest": "demo",
+    }
     files["observed"].write_text(json.dumps(obs))
     inv = files["dir"] / "inventory.json"
     inv.write_text(

@@ -117,7 +117,11 @@ def test_unreachable_node_and_missing_image_are_stale(desired: Desired) -> None:
         o["nodes"]["edge-a"]["images"] = {}
 
     stale = _stale(desired, change)
-    assert "handoff:instance/web-1: expected instance web-1 absent from edge-b, but node edge-b is " \
-        "unreachable (timeout)" in stale  # fmt: skip
-    assert "start_instance:instance/web-2: expected image tiny present on edge-a with content id " \
-        "aaaaaaaaaaaa, but the image is gone" in stale  # fmt: skip
+    assert (
+        "handoff:instance/web-1: expected instance web-1 absent from edge-b, but node edge-b is "
+        "unreachable (timeout)"
+    ) in stale
+    assert (
+        "start_instance:instance/web-2: expected image tiny present on edge-a with content id "
+        "aaaaaaaaaaaa, but the image is gone"
+    ) in stale

@@ -29,8 +29,12 @@ def test_text_dependency_line_and_change_symbols() -> None:
     obs = observed_dict()
     obs["nodes"]["edge-b"] = {}
     obs["nodes"]["edge-a"]["instances"]["web-2"] = {
-        "uuid": "u2", "snapshot": "web", "state": "running", "ports": ["9090:80"], "manifest": "demo",
-    }  # fmt: skip
+        "uuid": "u2",
+        "snapshot": "web",
+        "state": "running",
+        "ports": ["9090:80"],
+        "manifest": "demo",
+    }
     text = render_text(plan(d, Observed.from_dict(obs)))
     assert "  + image/tiny      import to edge-b from tiny.zip\n" in text
     assert "      after:   import_image:image/tiny@edge-b\n" in text
@@ -52,8 +56,11 @@ def test_unknown_and_errors_never_claim_no_changes(desired: Desired) -> None:
     obs = observed_dict()
     obs["nodes"]["edge-b"] = {"reachable": False, "error": "timeout"}
     obs["nodes"]["edge-a"]["instances"]["intruder"] = {
-        "uuid": "x", "snapshot": "web", "state": "running", "ports": ["9090:80"],
-    }  # fmt: skip
+        "uuid": "x",
+        "snapshot": "web",
+        "state": "running",
+        "ports": ["9090:80"],
+    }
     text = render_text(plan(desired, Observed.from_dict(obs)))
     assert NO_CHANGES not in text
     assert "  ? instance/web-1 on edge-b: node edge-b is unreachable: timeout\n" in text
@@ -88,10 +95,18 @@ def test_json_round_trip_gives_the_same_plan(desired: Desired, observed: Observe
 
 def test_plan_is_deterministic_whatever_the_json_key_order(desired: Desired) -> None:
     obs = observed_dict()
-    obs["nodes"]["edge-a"]["instances"]["zz-old"] = {"uuid": "z", "snapshot": "web", "state": "running",
-                                                    "manifest": "demo"}  # fmt: skip
-    obs["nodes"]["edge-a"]["instances"]["aa-old"] = {"uuid": "a", "snapshot": "web", "state": "running",
-                                                    "manifest": "demo"}  # fmt: skip
+    obs["nodes"]["edge-a"]["instances"]["zz-old"] = {
+        "uuid": "z",
+        "snapshot": "web",
+        "state": "running",
+        "manifest": "demo",
+    }
+    obs["nodes"]["edge-a"]["instances"]["aa-old"] = {
+        "uuid": "a",
+        "snapshot": "web",
+        "state": "running",
+        "manifest": "demo",
+    }
     reordered = {"format": obs["format"], "nodes": dict(reversed(list(obs["nodes"].items())))}
     reordered["nodes"]["edge-a"]["instances"] = dict(
         reversed(list(obs["nodes"]["edge-a"]["instances"].items()))
