@@ -1,38 +1,106 @@
 """Shared pytest fixtures for integration tests (mark such tests `@pytest.mark.integration`).
 
+Integration prerequisites (root, qemu, libvirtd, sshd, iproute2: tools/bootstrap.sh installs them) are
+checked by the fixtures, which FAIL with a message naming what is missing; they never skip.
+
 Fixtures
 --------
 guest (session)
-    `nephele.cloudlet.guest.GuestFiles` of the test guest (kernel, initrd, pristine base disk), built on
-    first use from Debian packages and cached under $NEPHELE_GUEST_CACHE or /var/cache/nephele/guest.
-    Never boot `guest.disk` itself: copy it, or put a qcow2 overlay on it.
+    `nephele.cloudlet.guest.GuestFiles` of the test guest (kernel, initrd, pristine 64 MiB raw base disk),
+    built on first use from Debian packages and cached under $NEPHELE_GUEST_CACHE or
+    /var/cache/nephele/guest/<recipe hash>/. Never boot `guest.disk` itself: copy it, or put a qcow2
+    overlay on it. Kernel command line for its workload: `nephele.cloudlet.guest.cmdline(...)`.
+
+cloudlet (session)
+    A `nephele.cloudlet.Cloudlet` of 2 nodes (edge-a, edge-b) with 20 Mbit/s links, up for the whole
+    session and removed at its end. Its name is `pt<pid>` and its subnet the first free 10.201.X.0/24, so
+    parallel test sessions do not collide; read addresses from it, never hard-code them. Per node
+    (`cloudlet.nodes[i]`, a `CloudletNode`): `.address`, `.libvirt_uri` (host side, for libvirt-python or
+    virsh), `.host_root` (its /var/nephele on the host), `.ssh_command(cmd)` / `.ssh_key` / `.known_hosts`
+    (root login on port 22), `.run([...])` (a command inside the node). Faults: `cloudlet.stop_sshd(node)`
+    / `start_sshd(node)`, `cut_link(node)` / `restore_link(node)`, `set_link(rate_mbit)`; a WAN delay for
+    one TCP port pair: `cloudlet.start_delay_proxy(node, port, (host, port))`. Tests that break a node must
+    restore it before they end (the fixture is shared). Cloudlets of dead sessions are reaped at start.
+
+cloudlet_factory (function)
+    `make(nodes=1, **kw) -> Cloudlet`: a private cloudlet for tests that need to break or remove one; every
+    cloudlet it made is torn down when the test ends.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
+from nephele.cloudlet import Cloudlet, reap_orphans
 from nephele.cloudlet.guest import GuestFiles, ensure_guest
 
+CLOUDLET_TOOLS = ("qemu-system-x86_64", "ip", "tc", "nsenter", "unshare", "virsh", "ssh", "ssh-keygen")
+CLOUDLET_DAEMONS = ("/usr/sbin/libvirtd", "/usr/sbin/sshd")
+_counter = itertools.count(1)
 
-def require(*, root: bool = True, tools: tuple[str, ...] = ()) -> None:
+
+def require(*, root: bool = True, tools: tuple[str, ...] = (), files: tuple[str, ...] = ()) -> None:
     """Fail (never skip) when an integration prerequisite is missing: a hidden skip would pass CI green
     without testing anything."""
     problems = []
     if root and os.geteuid() != 0:
         problems.append("integration tests must run as root (namespaces, libvirtd, sshd)")
-    problems += [
-        f"'{t}' not found on PATH (run tools/bootstrap.sh)" for t in tools if shutil.which(t) is None
-    ]
+    problems += [f"'{t}' not found on PATH" for t in tools if shutil.which(t) is None]
+    problems += [f"{f} not found" for f in files if not os.path.exists(f)]
     if problems:
-        pytest.fail("integration prerequisites missing: " + "; ".join(problems), pytrace=False)
+        pytest.fail(
+            "integration prerequisites missing: " + "; ".join(problems) + " (run tools/bootstrap.sh as root)",
+            pytrace=False,
+        )
+
+
+def cloudlet_workdir() -> Path:
+    # Short and stable: libvirt's unix socket path must stay under 108 bytes.
+    return Path(tempfile.gettempdir()) / "nephele-test-cloudlets"
 
 
 @pytest.fixture(scope="session")
 def guest() -> Iterator[GuestFiles]:
     require(tools=("qemu-system-x86_64", "mke2fs", "debugfs", "cpio", "depmod", "apt-get"))
     yield ensure_guest()
+
+
+@pytest.fixture(scope="session")
+def cloudlet(guest: GuestFiles) -> Iterator[Cloudlet]:
+    require(tools=CLOUDLET_TOOLS, files=CLOUDLET_DAEMONS)
+    reap_orphans()
+    c = Cloudlet.up(
+        f"pt{os.getpid()}", 2, rate_mbit=20, delay_ms=20, workdir=cloudlet_workdir(), owner_pid=os.getpid()
+    )
+    try:
+        yield c
+    finally:
+        c.down()
+
+
+@pytest.fixture
+def cloudlet_factory() -> Iterator[Callable[..., Cloudlet]]:
+    require(tools=CLOUDLET_TOOLS, files=CLOUDLET_DAEMONS)
+    made: list[Cloudlet] = []
+
+    def make(nodes: int = 1, **kw: Any) -> Cloudlet:
+        name = kw.pop("name", f"pf{os.getpid() % 100000}{next(_counter)}")
+        kw.setdefault("workdir", cloudlet_workdir())
+        kw.setdefault("owner_pid", os.getpid())
+        c = Cloudlet.up(name, nodes, **kw)
+        made.append(c)
+        return c
+
+    try:
+        yield make
+    finally:
+        for c in made:
+            c.down()

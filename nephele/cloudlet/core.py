@@ -414,12 +414,15 @@ class Cloudlet:
             )
         existing = _registered(name)
         if existing is not None:
-            with contextlib.suppress(CloudletError):
-                if cls.load(name).healthy():
-                    raise CloudletError(
-                        f"cloudlet {name!r} is already up ({existing}); "
-                        f"`nephele cloudlet down --name {name}` first"
-                    )
+            try:
+                running = cls.load(name).healthy()
+            except CloudletError:
+                running = False
+            if running:
+                raise CloudletError(
+                    f"cloudlet {name!r} is already up ({existing}); `nephele cloudlet down --name {name}` "
+                    "first"
+                )
             if existing != cdir:
                 teardown(name, existing, remove_dir=True)
         teardown(name, cdir, remove_dir=True)
