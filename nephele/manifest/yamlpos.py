@@ -194,6 +194,8 @@ class _Walker:
         return None
 
     def _scalar(self, node: ScalarNode, path: Path) -> Any:
+        if node.tag == _STR:
+            return node.value  # the common case, without the constructor's overhead
         if not node.style and (  # plain scalar (libyaml says '', PyYAML None)
             (node.tag in (_INT, _FLOAT) and ":" in node.value) or node.tag == _TIMESTAMP
         ):
