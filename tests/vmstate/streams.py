@@ -137,3 +137,37 @@ def full_stream(*, caps: Sequence[str] = (), commands: bool = True, vmdesc: bool
     )
     out += section(s.SEC_END, sid, [])
     return out + tail(vmdesc=vmdesc)
+
+
+def complete_stream(*, commands: bool = False) -> tuple[bytes, dict[str, bytes]]:
+    """A stream that carries every page of BLOCKS (iteration 1), then re-sends some (iteration 2: a data
+    page becomes zero, a zero page gets data, a CONTINUE opens the section); returns the stream and the
+    final content of each block."""
+    sid = 2
+    final = {name: bytearray(n) for name, n in BLOCKS}
+    recs1: list[bytes] = []
+    for name, n in BLOCKS:
+        for i in range(n // s.PAGE_SIZE):
+            off = i * s.PAGE_SIZE
+            data = pattern(i + len(name)) if i % 3 != 1 else bytes(s.PAGE_SIZE)
+            cont = None if i else name
+            recs1.append(page(cont, off, data) if any(data) else zero(cont, off))
+            final[name][off : off + s.PAGE_SIZE] = data
+    # iteration 2 starts with CONTINUE: the current block is still the last one of iteration 1
+    last = BLOCKS[-1][0]
+    recs2 = [
+        page(None, 0, pattern(77)),
+        zero("pc.ram", 0),  # data page zeroed since
+        page(None, 4 * s.PAGE_SIZE, pattern(78)),  # page 4 had data
+        page(None, 1 * s.PAGE_SIZE, pattern(79)),  # page 1 was zero
+    ]
+    final[last][0 : s.PAGE_SIZE] = pattern(77)
+    final["pc.ram"][0 : s.PAGE_SIZE] = bytes(s.PAGE_SIZE)
+    final["pc.ram"][4 * s.PAGE_SIZE : 5 * s.PAGE_SIZE] = pattern(78)
+    final["pc.ram"][1 * s.PAGE_SIZE : 2 * s.PAGE_SIZE] = pattern(79)
+    out = s.FILE_HEADER + config()
+    if commands:
+        out += command(s.CMD_OPEN_RETURN_PATH) + command(s.CMD_PING, be32(1))
+    out += start(sid, BLOCKS) + section(s.SEC_PART, sid, recs1) + section(s.SEC_PART, sid, recs2)
+    out += section(s.SEC_END, sid, []) + tail()
+    return out, {k: bytes(v) for k, v in final.items()}
