@@ -80,3 +80,30 @@ def test_package_data_ships_the_schema() -> None:
     patterns = pyproject["tool"]["setuptools"]["package-data"]["nephele"]
     shipped = {p for pattern in patterns for p in (ROOT / "nephele").glob(pattern)}
     assert ROOT / "nephele" / "schemas" / "cloudlet.schema.json" in shipped
+
+
+def test_inlined_schema_judges_like_the_schema() -> None:
+    """The validator runs on a copy with $refs inlined (for speed); it must find exactly the same errors."""
+    import yaml
+    from jsonschema import ValidationError
+
+    from nephele.manifest import schema
+
+    def key(e: ValidationError) -> tuple[str, str, str]:
+        return (str(list(e.absolute_path)), str(e.validator), e.message)
+
+    original = Draft202012Validator(manifest.schema_document())
+    inlined = schema._validator()
+    assert "$ref" not in json.dumps(inlined.schema)
+    texts = [
+        EXAMPLE.read_text(),
+        (Path(__file__).parent / "fixtures" / "broken.yaml").read_text(),
+        "nodes: {Bad: {address: 'a b', ssh: {port: 0}}, ok: []}\nimages: {x: {id: 5, nodes: [A, A]}}\n",
+    ]
+    found = []
+    for text in texts:
+        data = yaml.safe_load(text)
+        want = sorted(key(e) for e in original.iter_errors(data))
+        assert sorted(key(e) for e in inlined.iter_errors(data)) == want
+        found.append(len(want))
+    assert found[0] == 0 and found[1] >= 7 and found[2] >= 8, found
