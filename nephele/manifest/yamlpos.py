@@ -24,8 +24,9 @@ from nephele.errors import Problem
 PathPart = str | int
 Path = tuple[PathPart, ...]
 
-# A bound on nodes materialised, so that nested aliases ("billion laughs") cannot exhaust memory.
-MAX_NODES = 2_000_000
+# A bound on values materialised, so that nested aliases ("billion laughs") cannot exhaust memory.
+# A 1,000-instance manifest has about 14,000.
+MAX_NODES = 250_000
 
 _INT = "tag:yaml.org,2002:int"
 _FLOAT = "tag:yaml.org,2002:float"
@@ -113,7 +114,7 @@ def parse(text: str, filename: str) -> tuple[Any, Positions, list[Problem]]:
         try:
             root = _compose(yaml.SafeLoader, text)
         except yaml.YAMLError as exc:
-            return None, positions, [_syntax_problem(exc, filename)]
+            return None, positions, [_syntax_problem(exc, filename, text)]
     if root is None:
         return None, positions, [Problem(filename, 1, 1, "", "the manifest is empty")]
     walker = _Walker(positions)
@@ -134,7 +135,7 @@ def _compose(loader_cls: Any, text: str) -> Node | None:
         loader.dispose()
 
 
-def _syntax_problem(exc: yaml.YAMLError, filename: str) -> Problem:
+def _syntax_problem(exc: yaml.YAMLError, filename: str, text: str) -> Problem:
     if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
         mark = exc.problem_mark
         what = exc.problem or "invalid YAML"
@@ -150,7 +151,11 @@ def _syntax_problem(exc: yaml.YAMLError, filename: str) -> Problem:
             what = f"{what} ({exc.context})"
         return Problem(filename, mark.line + 1, mark.column + 1, "", f"YAML syntax error: {what}")
     if isinstance(exc, yaml.reader.ReaderError):
-        return Problem(filename, 1, 1, "", f"cannot read the text: {exc.reason} at character {exc.position}")
+        # e.g. a control character; the reader gives only a character offset
+        line = text.count("\n", 0, exc.position) + 1
+        col = exc.position - (text.rfind("\n", 0, exc.position) + 1) + 1
+        char = exc.character if isinstance(exc.character, str) else chr(exc.character)
+        return Problem(filename, line, col, "", f"YAML syntax error: the character {char!r} is not allowed")
     return Problem(filename, 1, 1, "", f"YAML syntax error: {exc}")
 
 

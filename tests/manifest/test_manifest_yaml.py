@@ -90,6 +90,7 @@ def test_duplicate_keys_are_errors_at_every_level() -> None:
             "'<block mapping start>' (while parsing a block mapping at line 1)",
         ),
         ("", "m.yaml:1:1: the manifest is empty"),
+        ("a: 1\nb: x\x07y\n", "m.yaml:2:5: YAML syntax error: the character '\\x07' is not allowed"),
         ("# only a comment\n", "m.yaml:1:1: the manifest is empty"),
     ],
 )
