@@ -291,7 +291,7 @@ class Plan:
                 total_bytes += a.estimate.bytes
                 w = a.wave or 0
                 by_wave[w] = max(by_wave.get(w, 0.0), a.estimate.seconds)
-        return total_bytes, sum(by_wave.values())
+        return total_bytes, sum(by_wave.values(), 0.0)
 
     def summary(self) -> dict[str, Any]:
         total_bytes, seconds = self.handoff_totals()
