@@ -76,12 +76,14 @@ def parse_save_header(head: bytes, path: Path | str = "save image") -> SaveHeade
         raise _die(path, f"not a libvirt save image (magic {magic!r})")
     order = "<"
     fields = struct.unpack_from(order + _FIELDS, head, 16)
-    if fields[0] > SAVE_VERSION:  # written on a host of the other byte order
-        order = ">"
-        fields = struct.unpack_from(order + _FIELDS, head, 16)
+    if fields[0] > SAVE_VERSION:  # written on a host of the other byte order?
+        swapped = struct.unpack_from(">" + _FIELDS, head, 16)
+        if not 0 < swapped[0] <= SAVE_VERSION:
+            raise _die(path, f"save image version {fields[0]} is not supported (1..{SAVE_VERSION})")
+        order, fields = ">", swapped
     version, data_len, was_running, compressed, cookie_offset = fields[:5]
-    if version > SAVE_VERSION or version == 0:
-        raise _die(path, f"save image version {version} is not supported (1..{SAVE_VERSION})")
+    if version == 0:
+        raise _die(path, "save image version 0 is not supported")
     if compressed:
         name = COMPRESSION_NAMES.get(compressed, f"format {compressed}")
         raise _die(path, f'compressed save image ({name}); save with save_image_format = "raw"')
