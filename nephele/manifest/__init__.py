@@ -11,7 +11,9 @@ printed as `FILE:LINE:COL: path: message`.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path as FsPath
+from typing import Any
 
 from nephele.errors import ManifestError, Problem
 from nephele.manifest import schema, xref
@@ -40,7 +42,7 @@ def load(path: str | FsPath) -> Desired:
         message = f"cannot read the file: {exc.strerror or exc}"
         raise ManifestError([Problem(name, 1, 1, "", message)]) from exc
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # a BOM would shift line 1 by a column
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
         col = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
@@ -62,6 +64,6 @@ def check(text: str, filename: str = "<string>") -> tuple[Desired | None, list[P
     return build(data, filename), []
 
 
-def schema_document() -> dict[str, object]:
-    """The manifest's JSON Schema, as shipped in the package."""
-    return schema.schema()
+def schema_document() -> dict[str, Any]:
+    """The manifest's JSON Schema, as shipped in the package (a copy: changing it changes nothing)."""
+    return copy.deepcopy(schema.schema())

@@ -168,3 +168,15 @@ def test_file_errors(tmp_path: Path) -> None:
     with pytest.raises(ManifestError) as info:
         manifest.load(bad)
     assert str(info.value) == f"{bad}:2:10: the file is not UTF-8 text"
+
+
+def test_bom_and_crlf_do_not_shift_positions(tmp_path: Path) -> None:
+    path = tmp_path / "m.yaml"
+    path.write_bytes(b"\xef\xbb\xbfapiVersion: v0\r\nkind: Cloudlet\r\n")
+    with pytest.raises(ManifestError) as info:
+        manifest.load(path)
+    assert [str(p) for p in info.value.problems] == [
+        f"{path}:1:1: missing required field 'metadata'",
+        f"{path}:1:1: missing required field 'nodes'",
+        f"{path}:1:13: apiVersion: 'v0' is not supported (expected 'nephele.dev/v1')",
+    ]
