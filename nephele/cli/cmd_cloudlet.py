@@ -175,8 +175,11 @@ def cmd_link(args: argparse.Namespace) -> int:
 def cmd_proxy(args: argparse.Namespace) -> int:
     c = Cloudlet.load(args.name, args.workdir)
     dp = c.start_delay_proxy(args.node, args.listen_port, args.target, delay_ms=args.delay)
-    print(f"delay proxy in {dp.node}: {dp.listen[0]}:{dp.listen[1]} -> {dp.target[0]}:{dp.target[1]}, "
-          f"+{dp.delay_ms:g} ms each way (Ctrl-C stops it)", flush=True)  # fmt: skip
+    print(
+        f"delay proxy in {dp.node}: {dp.listen[0]}:{dp.listen[1]} -> {dp.target[0]}:{dp.target[1]}, "
+        f"+{dp.delay_ms:g} ms each way (Ctrl-C stops it)",
+        flush=True,
+    )
     signal.signal(signal.SIGTERM, lambda *_: dp.stop())
     try:
         return dp.process.wait()

@@ -26,6 +26,7 @@ a node for one TCP port pair. Only this module and its CLI create or remove thes
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import ipaddress
 import json
 import os
@@ -290,11 +291,23 @@ class CloudletNode:
     def ssh_command(self, command: str | Sequence[str] = ()) -> list[str]:
         """ssh argv that logs into this node with the cloudlet's key and pinned host key."""
         argv = [
-            "ssh", "-i", str(self.ssh_key), "-p", str(self.ssh_port),
-            "-o", f"UserKnownHostsFile={self.known_hosts}", "-o", "StrictHostKeyChecking=yes",
-            "-o", "BatchMode=yes", "-o", "ConnectTimeout=10", "-o", "LogLevel=ERROR",
+            "ssh",
+            "-i",
+            str(self.ssh_key),
+            "-p",
+            str(self.ssh_port),
+            "-o",
+            f"UserKnownHostsFile={self.known_hosts}",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "ConnectTimeout=10",
+            "-o",
+            "LogLevel=ERROR",
             f"{self.ssh_user}@{self.address}",
-        ]  # fmt: skip
+        ]
         if isinstance(command, str):
             return [*argv, command] if command else argv
         return [*argv, shlex.join(command)] if command else argv
@@ -412,27 +425,31 @@ class Cloudlet:
             raise CloudletError(
                 f"workdir {base}: too long a path for a unix socket ({sock}); use a shorter one"
             )
-        existing = _registered(name)
-        if existing is not None:
+        # One `up` at a time on this machine: subnet choice and interface names must not race.
+        REGISTRY.mkdir(parents=True, exist_ok=True)
+        with open(REGISTRY / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            existing = _registered(name)
+            if existing is not None:
+                try:
+                    running = cls.load(name).healthy()
+                except CloudletError:
+                    running = False
+                if running:
+                    raise CloudletError(
+                        f"cloudlet {name!r} is already up ({existing}); "
+                        f"`nephele cloudlet down --name {name}` first"
+                    )
+                if existing != cdir:
+                    teardown(name, existing, remove_dir=True)
+            teardown(name, cdir, remove_dir=True)
+            net = _pick_subnet(subnet, name)
+            self = cls._layout(name, cdir, net, nodes, rate, delay, owner_pid)
             try:
-                running = cls.load(name).healthy()
-            except CloudletError:
-                running = False
-            if running:
-                raise CloudletError(
-                    f"cloudlet {name!r} is already up ({existing}); `nephele cloudlet down --name {name}` "
-                    "first"
-                )
-            if existing != cdir:
-                teardown(name, existing, remove_dir=True)
-        teardown(name, cdir, remove_dir=True)
-        net = _pick_subnet(subnet, name)
-        self = cls._layout(name, cdir, net, nodes, rate, delay, owner_pid)
-        try:
-            self._build()
-        except BaseException:
-            teardown(name, cdir, remove_dir=False)  # keep logs for the post-mortem
-            raise
+                self._build()
+            except BaseException:
+                teardown(name, cdir, remove_dir=False)  # keep logs for the post-mortem
+                raise
         return self
 
     @classmethod
@@ -613,11 +630,19 @@ class Cloudlet:
         )
         _run(
             [
-                "nsenter", f"--net=/run/netns/{node.netns}", "--",
-                "unshare", f"--mount={node.mnt_ns}", f"--uts={node.uts_ns}", "--propagation", "private",
-                "sh", "-c", "\n".join(script),
+                "nsenter",
+                f"--net=/run/netns/{node.netns}",
+                "--",
+                "unshare",
+                f"--mount={node.mnt_ns}",
+                f"--uts={node.uts_ns}",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                "\n".join(script),
             ]
-        )  # fmt: skip
+        )
 
     def _write_libvirt_config(self, node: CloudletNode) -> None:
         etc = node.libvirt_dir / "etc"
@@ -768,9 +793,16 @@ class Cloudlet:
         delay = self.delay_ms if delay_ms is None else parse_delay_ms(delay_ms)
         host = listen_host or node.address
         cmd = [
-            self.python, "-m", "nephele.cloudlet.delayproxy", f"{host}:{listen_port}",
-            f"{target[0]}:{target[1]}", "--delay-ms", f"{delay:g}", "--max-buffer", str(max_buffer),
-        ]  # fmt: skip
+            self.python,
+            "-m",
+            "nephele.cloudlet.delayproxy",
+            f"{host}:{listen_port}",
+            f"{target[0]}:{target[1]}",
+            "--delay-ms",
+            f"{delay:g}",
+            "--max-buffer",
+            str(max_buffer),
+        ]
         proc = node.popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         assert proc.stdout is not None
         sel = selectors.DefaultSelector()

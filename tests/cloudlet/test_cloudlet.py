@@ -236,8 +236,12 @@ def test_guest_in_node_answers_http_on_node_address(cloudlet: Cloudlet, guest: G
     # Paths as the node sees them: its libvirtd and QEMU live in its mount namespace.
     xml = _domain_xml("web", guest, "/var/nephele/probe-disk.raw", "/var/nephele/probe-serial.log", 18080)
     (a.host_root / "web.xml").write_text(xml)
-    r = subprocess.run(["virsh", "-c", a.libvirt_uri, "create", str(a.host_root / "web.xml")],
-                       capture_output=True, text=True, check=False)  # fmt: skip
+    r = subprocess.run(
+        ["virsh", "-c", a.libvirt_uri, "create", str(a.host_root / "web.xml")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert r.returncode == 0, r.stderr
     try:
         serial = a.host_root / "probe-serial.log"
@@ -287,8 +291,11 @@ def test_down_leaves_nothing_and_up_cleans_stale(
     (node.host_root / "vm.xml").write_text(
         _domain_xml("left", guest, "/var/nephele/d.raw", "/var/nephele/s.log", 18081)
     )
-    subprocess.run(["virsh", "-c", node.libvirt_uri, "create", str(node.host_root / "vm.xml")], check=True,
-                   capture_output=True)  # fmt: skip
+    subprocess.run(
+        ["virsh", "-c", node.libvirt_uri, "create", str(node.host_root / "vm.xml")],
+        check=True,
+        capture_output=True,
+    )
     qemu = int((node.libvirt_dir / "run" / "qemu" / "left.pid").read_text())
     assert _alive(qemu)
     # A crashed run: the inventory is gone but everything else is still there. up cleans it first.
@@ -311,8 +318,13 @@ def test_cli_up_status_down(tmp_path: Path) -> None:
     nephele = [sys.executable, "-m", "nephele", "cloudlet"]
     wd = ["--name", name, "--workdir", str(cloudlet_workdir())]
     try:
-        up = subprocess.run([*nephele, "up", *wd, "--nodes", "1", "--rate", "50mbit"], capture_output=True,
-                            text=True, timeout=120, check=False)  # fmt: skip
+        up = subprocess.run(
+            [*nephele, "up", *wd, "--nodes", "1", "--rate", "50mbit"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
         assert up.returncode == 0, up.stderr
         assert "edge-a" in up.stdout and "ssh -i" in up.stdout
         st = subprocess.run(

@@ -65,14 +65,32 @@ def test_boots_under_tcg_and_serves_state(guest: GuestFiles, tmp_path: Path) -> 
     port = _free_port()
     log = tmp_path / "serial.log"
     cmd = [
-        "qemu-system-x86_64", "-accel", "tcg", "-smp", "1", "-m", "192", "-nographic", "-nodefaults",
-        "-no-user-config", "-no-reboot", "-serial", f"file:{log}",
-        "-kernel", str(guest.kernel), "-initrd", str(guest.initrd),
-        "-append", cmdline(fill_mib=8, dirty_mib=1, disk_kib=16),
-        "-drive", f"file={disk},if=virtio,format=raw",
-        "-netdev", f"user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:80",
-        "-device", "virtio-net-pci,netdev=n0,romfile=",
-    ]  # fmt: skip
+        "qemu-system-x86_64",
+        "-accel",
+        "tcg",
+        "-smp",
+        "1",
+        "-m",
+        "192",
+        "-nographic",
+        "-nodefaults",
+        "-no-user-config",
+        "-no-reboot",
+        "-serial",
+        f"file:{log}",
+        "-kernel",
+        str(guest.kernel),
+        "-initrd",
+        str(guest.initrd),
+        "-append",
+        cmdline(fill_mib=8, dirty_mib=1, disk_kib=16),
+        "-drive",
+        f"file={disk},if=virtio,format=raw",
+        "-netdev",
+        f"user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:80",
+        "-device",
+        "virtio-net-pci,netdev=n0,romfile=",
+    ]
     qemu = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 90
