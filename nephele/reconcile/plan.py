@@ -324,32 +324,64 @@ class _Planner:
                     )
                 )
             return
-        here = next((c for c in mine if c.node == spec.node), None)
-        elsewhere = [c for c in mine if c.node != spec.node]
-        if here is not None:
-            self.transitions(spec, here)
-            extra = elsewhere
-        elif elsewhere:
-            src = min(elsewhere, key=lambda c: (_STATE_RANK[c.obs.state], self.rank[c.node]))
-            self.handoff(spec, src)
-            extra = [c for c in elsewhere if c is not src]
-        else:
-            lost = self.inventory_nodes("instance", spec.name, reachable=False)
-            if lost:
-                self.unknown.append(Unknown(address, lost[0], self.dead_reason(lost[0])))
-                self.warnings.append(
-                    Diagnostic(
-                        f"instance/{spec.name} may still run on {lost[0]} (in nephele's inventory, node "
-                        f"unreachable): not starting it on {spec.node}",
-                        address,
-                    )
-                )
-                return
-            extra = []
-            if spec.state is not InstanceState.STOPPED:
-                self.start(spec, None)
+        if not mine:
+            self.place_new(spec)
+            return
+        # The copy to keep: the most alive one (a running VM is never given up for a stopped copy),
+        # then the one already on the desired node, then manifest node order.
+        best = min(mine, key=lambda c: (_STATE_RANK[c.obs.state], c.node != spec.node, self.rank[c.node]))
+        extra = [c for c in mine if c is not best]
+        if best.node == spec.node:
+            self.transitions(spec, best)
+            for c in extra:
+                self.prune_candidate(c, f"duplicate: instance/{spec.name} belongs on {spec.node}")
+            return
+        stale = next((c for c in extra if c.node == spec.node), None)
         for c in extra:
-            self.prune_candidate(c, f"duplicate: instance/{spec.name} belongs on {spec.node}")
+            why = (
+                f"stale {c.obs.state.value} copy: instance/{spec.name} runs on {best.node} and moves here"
+                if c is stale
+                else f"duplicate: instance/{spec.name} belongs on {spec.node}"
+            )
+            self.prune_candidate(c, why)
+        if stale is not None and (spec.name, spec.node) not in self.leaving:
+            self.errors.append(
+                Diagnostic(
+                    f"instance/{spec.name} is {best.obs.state.value} on {best.node} and a stale "
+                    f"{stale.obs.state.value} copy is on its desired node {spec.node}: the handoff needs "
+                    "that copy removed first (enable policy.prune, or remove it by hand)",
+                    address,
+                )
+            )
+            return
+        self.handoff(spec, best, replaces=stale)
+
+    def place_new(self, spec: InstanceSpec) -> None:
+        """The instance is on no node that answered: start it, unless it may be on one that did not."""
+        address = f"instance/{spec.name}"
+        lost = self.inventory_nodes("instance", spec.name, reachable=False)
+        if lost:
+            self.unknown.append(Unknown(address, lost[0], self.dead_reason(lost[0])))
+            self.warnings.append(
+                Diagnostic(
+                    f"instance/{spec.name} may still run on {lost[0]} (in nephele's inventory, node "
+                    f"unreachable): not starting it on {spec.node}",
+                    address,
+                )
+            )
+            return
+        if spec.state is InstanceState.STOPPED:
+            return  # a stopped instance that does not exist is not created (docs/plan.md)
+        dark = [n for n in self.node_order if n not in self.up]
+        if self.inv is None and dark:
+            self.warnings.append(
+                Diagnostic(
+                    f"instance/{spec.name} is on no node that answered; without an inventory nephele cannot "
+                    f"tell whether it runs on {', '.join(dark)}",
+                    address,
+                )
+            )
+        self.start(spec, None)
 
     def inventory_nodes(self, kind: str, name: str, *, reachable: bool) -> list[str]:
         if self.inv is None:
@@ -449,14 +481,17 @@ class _Planner:
         )
         self.acquire += [(a.id, n, spec.name, p) for p in spec.ports]
 
-    def handoff(self, spec: InstanceSpec, c: _Copy) -> None:
+    def handoff(self, spec: InstanceSpec, c: _Copy, replaces: _Copy | None = None) -> None:
+        """Move `c` to the desired node. `replaces`: a stale copy there, pruned first (the prune's own
+        precondition pins it, so the target is not required to be empty at plan time)."""
         address, src, dst = f"instance/{spec.name}", c.node, spec.node
         live = c.obs.state is not InstanceState.STOPPED and spec.state is not InstanceState.STOPPED
-        pre = [
-            Precondition(Fact.INSTANCE, src, spec.name, uuid=c.obs.uuid, state=c.obs.state.value),
-            Precondition(Fact.INSTANCE_ABSENT, dst, spec.name),
-        ]
+        pre = [Precondition(Fact.INSTANCE, src, spec.name, uuid=c.obs.uuid, state=c.obs.state.value)]
+        if replaces is None:
+            pre.append(Precondition(Fact.INSTANCE_ABSENT, dst, spec.name))
         deps = self.instance_deps(spec.snapshot, dst, pre)
+        if replaces is not None:
+            deps = (*deps, self.leaving[(spec.name, dst)])
         reason = f"placement changed {src} → {dst}"
         if not live:
             reason += " (cold: the instance is or will be stopped)"
