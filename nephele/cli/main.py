@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from nephele import __version__
-from nephele.errors import NepheleError
+from nephele.errors import ManifestError, NepheleError
 
 # Subcommand modules, in the order `nephele --help` lists them. A missing module is skipped so that
 # parts can land one at a time.
@@ -39,9 +39,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
+    except ManifestError as exc:
+        # One FILE:LINE:COL problem per line, first on the line, so editors' problem matchers find them.
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return exc.exit_code
     except NepheleError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:
+        # `nephele ... | head`: the reader left; not an error worth a traceback.
+        sys.stderr.close()
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
