@@ -104,21 +104,27 @@ class LocalTransport:
     ) -> Response:
         timeout = timeout if timeout is not None else self.timeout
         sink = progress or print_progress
+        # stderr goes through our own pipe: communicate() must not read it too (it would race the
+        # progress reader for lines).
+        err_r, err_w = os.pipe()
         try:
             proc = subprocess.Popen(
                 self.command,
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
+                stderr=err_w,
                 env={**os.environ, **self.env},
             )
         except OSError as exc:
+            os.close(err_r)
             raise NodeUnreachable(
                 f"cannot start the agent {self.command[0]!r}: {exc}", node=self.node
             ) from exc
-        assert proc.stdin and proc.stdout and proc.stderr
+        finally:
+            os.close(err_w)
         stderr_tail: list[str] = []
-        reader = threading.Thread(target=_pump_lines, args=(proc.stderr, sink, stderr_tail), daemon=True)
+        err_stream = os.fdopen(err_r, "rb")
+        reader = threading.Thread(target=_pump_lines, args=(err_stream, sink, stderr_tail), daemon=True)
         reader.start()
         try:
             out, _ = proc.communicate(protocol.encode(request), timeout=timeout)
@@ -127,6 +133,7 @@ class LocalTransport:
             proc.wait()
             raise NodeUnreachable(f"the agent did not answer within {timeout:g} s", node=self.node) from None
         reader.join(timeout=5)
+        err_stream.close()
         return _parse_reply(out, proc.returncode, stderr_tail, self.node)
 
     def put_file(self, local: str | Path, remote: str) -> None:

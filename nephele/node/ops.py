@@ -29,9 +29,19 @@ def ping(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
     return {"pong": True, "nephele": __version__, "root": str(ctx.store.root)}
 
 
+def logs(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
+    """The last `lines` lines of <root>/nephele.log (0: all of it)."""
+    n = int(args.get("lines", 10))
+    path = ctx.store.log_file
+    text = path.read_text(errors="replace") if path.is_file() else ""
+    lines = text.splitlines()
+    return {"file": str(path), "lines": lines[-n:] if n > 0 else lines}
+
+
 OPS: dict[str, Op] = {
     "ping": ping,
     "node.info": info,
+    "node.logs": logs,
     "observe": observe.observe,
     "image.ls": images.ls,
     "image.build": images.build,
