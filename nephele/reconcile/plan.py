@@ -421,6 +421,9 @@ class _Planner:
             elif want is not InstanceState.STOPPED:
                 self.change_ports(spec, c, here)
             return
+        # Ports first: the port change's precondition names the current state, which the pause or
+        # resume would invalidate if it ran first.
+        ports_id = self.change_ports(spec, c, here)
         kind = ActionKind.PAUSE_INSTANCE if want is InstanceState.PAUSED else ActionKind.RESUME_INSTANCE
         self.add(
             Action(
@@ -429,17 +432,17 @@ class _Planner:
                 address=address,
                 node=n,
                 reason=f"desired state {want.value}, observed {have.value}",
-                ports=obs.ports,
+                ports=spec.ports,
                 old_ports=obs.ports,
                 state=want,
+                depends_on=(ports_id,) if ports_id else (),
                 preconditions=(here,),
             )
         )
-        self.change_ports(spec, c, here)
 
-    def change_ports(self, spec: InstanceSpec, c: _Copy, here: Precondition) -> None:
+    def change_ports(self, spec: InstanceSpec, c: _Copy, here: Precondition) -> str | None:
         if set(c.obs.ports) == set(spec.ports):
-            return
+            return None
         address = f"instance/{spec.name}"
         a = self.add(
             Action(
@@ -455,6 +458,7 @@ class _Planner:
         )
         old = {p.host for p in c.obs.ports}
         self.acquire += [(a.id, c.node, spec.name, p) for p in spec.ports if p.host not in old]
+        return a.id
 
     def start(self, spec: InstanceSpec, c: _Copy | None) -> None:
         address, n = f"instance/{spec.name}", spec.node
