@@ -92,7 +92,7 @@ def read_inventory(path: str) -> Inventory:
         if not isinstance(data, dict):
             raise TypeError("expected a JSON object with 'manifest' and 'entries'")
         return Inventory.from_dict(data)
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         detail = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc)
         raise PlanError(f"{path}: not a nephele inventory: {detail}") from exc
 

@@ -51,7 +51,7 @@ def loads(text: str, where: str = "<plan>") -> SavedPlan:
             raise ValueError(f"format is {doc.get('format')!r}, expected {PLANFILE_FORMAT!r}")
         manifest = doc["manifest"]
         return SavedPlan(Plan.from_dict(doc["plan"]), str(manifest["path"]), str(manifest["sha256"]))
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         detail = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc)
         raise PlanError(f"{where}: not a nephele plan file: {detail}") from exc
 

@@ -47,6 +47,12 @@ def test_manifest_hash_check(desired: Desired, observed: Observed) -> None:
             '"plan": {"format_version": "9"}}',
             "unsupported plan format_version '9'",
         ),
+        ('{"format": "nephele.planfile/v1", "manifest": {"path": "m", "sha256": "x"}, "plan": []}', "list"),
+        (
+            '{"format": "nephele.planfile/v1", "manifest": {"path": "m", "sha256": "x"}, '
+            '"plan": {"format_version": "1", "manifest": "d", "actions": [{"id": "x", "kind": "explode"}]}}',
+            "'explode' is not a valid ActionKind",
+        ),
     ],
 )
 def test_bad_plan_files(tmp_path: Path, text: str, message: str) -> None:
