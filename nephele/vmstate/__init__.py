@@ -11,6 +11,7 @@ from nephele.vmstate.image import (
     StreamParts,
     block_filename,
     split_stream,
+    strip_ignore_shared,
     verify_canonical,
     write_canonical_stream,
 )
@@ -74,6 +75,7 @@ __all__ = [
     "replace_xml",
     "split_save_image",
     "split_stream",
+    "strip_ignore_shared",
     "verify_canonical",
     "write_canonical_stream",
     "write_save_image",

@@ -17,6 +17,7 @@ fresh device state (LIVE-HANDOFF (C)).
 from __future__ import annotations
 
 import os
+import struct
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,11 +29,19 @@ import numpy.typing as npt
 
 from nephele.errors import VmStateError
 from nephele.vmstate.stream import (
+    FILE_HEADER,
     PAGE_SIZE,
     RAM_CONTINUE,
+    RAM_EOS,
+    RAM_MEM_SIZE,
     RAM_ZERO,
+    SEC_COMMAND,
+    SEC_CONFIGURATION,
     SEC_END,
+    SEC_FOOTER,
     SEC_PART,
+    SEC_START,
+    SEC_SUBSECTION,
     ZERO_PAGE,
     Command,
     Config,
@@ -345,3 +354,50 @@ def verify_canonical(source: BinaryIO, parts: StreamParts, ram: Mapping[str, Pat
     for name, s in seen.items():
         if not s.all():
             raise VmStateError(f"rebuilt stream: block {name!r} lacks {int((~s).sum())} pages")
+
+
+def strip_ignore_shared(parts: StreamParts) -> StreamParts:
+    """Turn the parts of a stream saved with x-ignore-shared into parts that a destination without the
+    capability accepts: the ``configuration/capabilities`` subsection and the per-block be64 region
+    address in MEM_SIZE go. Combined with the shared RAM file's content (``write_canonical_stream``)
+    the result is an ordinary full stream (LIVE-HANDOFF (A-a2))."""
+    caps = parts.config.capabilities
+    if "x-ignore-shared" not in caps:
+        return parts
+    if caps != ("x-ignore-shared",):
+        raise VmStateError(f"cannot strip x-ignore-shared from a stream with capabilities {caps}")
+    sid = parts.section_id
+    machine = parts.config.machine.encode("latin-1")
+    config = bytes((SEC_CONFIGURATION,)) + struct.pack(">I", len(machine)) + machine
+    cap_sub = (
+        bytes((SEC_SUBSECTION, len(_CAPS_SUB)))
+        + _CAPS_SUB
+        + struct.pack(">II", 1, 1)
+        + bytes((len(b"x-ignore-shared"),))
+        + b"x-ignore-shared"
+    )
+    commands = b"".join(
+        bytes((SEC_COMMAND,)) + struct.pack(">HH", c.cmd, len(c.data)) + c.data for c in parts.commands
+    )
+    if parts.prefix != FILE_HEADER + config + cap_sub + commands + parts.prefix[-_start_len(parts) :]:
+        raise VmStateError("stream prefix has configuration subsections other than capabilities")
+    start = bytes((SEC_START,)) + struct.pack(">I", sid) + bytes((3,)) + b"ram" + struct.pack(">II", 0, 4)
+    mem = struct.pack(">Q", sum(parts.blocks.values()) | RAM_MEM_SIZE)
+    for name, used in parts.blocks.items():
+        raw = name.encode("latin-1")
+        mem += bytes((len(raw),)) + raw + struct.pack(">Q", used)
+    end = struct.pack(">Q", RAM_EOS)
+    if parts.prefix.endswith(end + bytes((SEC_FOOTER,)) + struct.pack(">I", sid)):
+        end += bytes((SEC_FOOTER,)) + struct.pack(">I", sid)
+    prefix = FILE_HEADER + config + commands + start + mem + end
+    return StreamParts.from_prefix(prefix, parts.tail)
+
+
+_CAPS_SUB = b"configuration/capabilities"
+
+
+def _start_len(parts: StreamParts) -> int:
+    """Length of the ram START section (header, MEM_SIZE with addresses, EOS, optional footer)."""
+    n = 1 + 4 + 1 + 3 + 8 + 8 + sum(1 + len(name.encode("latin-1")) + 16 for name in parts.blocks) + 8
+    footer = bytes((SEC_FOOTER,)) + struct.pack(">I", parts.section_id)
+    return n + (5 if parts.prefix.endswith(footer) else 0)

@@ -180,3 +180,29 @@ def test_large_block_rebuild_uses_zero_runs(tmp_path: Path) -> None:
     out = io.BytesIO()
     image.write_canonical_stream(out, res.parts, res.ram)
     assert out.getvalue() == data  # QEMU's own order and records: the canonical form of a one-pass stream
+
+
+def test_strip_ignore_shared(tmp_path: Path) -> None:
+    addrs = [0, 0xFFFC0000, 0xF0000]
+    cmds = b.command(s.CMD_OPEN_RETURN_PATH) + b.command(s.CMD_PING, b.be32(1))
+    body = (
+        b.section(s.SEC_PART, 2, [b.page("pc.bios", 0, b.pattern(1))])
+        + b.section(s.SEC_END, 2, [])
+        + b.tail()
+    )
+    data = s.FILE_HEADER + b.config(caps=["x-ignore-shared"]) + cmds + b.start(2, b.BLOCKS, addrs) + body
+    res = split(data, tmp_path / "ram", allow_missing=True)
+    assert res.parts.config.capabilities == ("x-ignore-shared",)
+    stripped = image.strip_ignore_shared(res.parts)
+    assert stripped.prefix == s.FILE_HEADER + b.config() + cmds + b.start(2, b.BLOCKS)
+    assert stripped.config.capabilities == ()
+    assert (stripped.blocks, stripped.tail, stripped.commands) == (
+        res.parts.blocks,
+        res.parts.tail,
+        res.parts.commands,
+    )
+    assert image.strip_ignore_shared(stripped) is stripped
+    odd = s.FILE_HEADER + b.config(caps=["x-ignore-shared"], uuid=True) + b.start(2, b.BLOCKS, addrs) + body
+    res = split(odd, tmp_path / "odd", allow_missing=True)
+    with pytest.raises(VmStateError, match="subsections other than capabilities"):
+        image.strip_ignore_shared(res.parts)

@@ -291,3 +291,45 @@ def test_return_path_stream_through_a_parsing_proxy(tmp_path: Path) -> None:
         before=start_feeder,
     )
     assert reply.getvalue()  # the destination answered on the return path
+
+
+def test_ignore_shared_device_state_plus_ram_file_rebuilds_a_full_stream(tmp_path: Path) -> None:
+    """LIVE-HANDOFF (A-a2): RAM in a shared file, x-ignore-shared device-only stream; strip the capability,
+    merge the RAM file's pages in, and a plain QEMU (no shared file, no capability) loads it."""
+    ram_file = tmp_path / "vm.ram"
+    backend = [
+        "-object",
+        f"memory-backend-file,id=pc.ram,size={MEM >> 20}M,mem-path={ram_file},share=on",
+        "-machine",
+        "memory-backend=pc.ram",
+    ]
+    f = tmp_path / "dev.bin"
+    with Vm(tmp_path, "src", mem_mb=MEM >> 20, disk=boot_disk(tmp_path / "boot.img"), extra=backend) as src:
+        deadline = time.monotonic() + 30
+        while src.qmp.read_u32(COUNTER_ADDR) < 50:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        src.qmp.caps(x_ignore_shared=True)
+        src.qmp.cmd("stop")
+        src.qmp.cmd("migrate", uri=f"exec:cat > {f}")
+        src.qmp.wait_migration(30)
+        src_mem = src.pmem(tmp_path / "src.mem", MEM)
+        src_regs = registers(src)
+        counter = src.qmp.read_u32(COUNTER_ADDR)
+    data = f.read_bytes()
+    assert len(data) < 2 << 20  # device state and small ROM blocks only
+    events = check_round_trip(data)
+    ram_marks = [e for e in events if isinstance(e, s.RamBlocks)]
+    assert ram_marks[0].addrs is not None and len(ram_marks[0].addrs) == len(ram_marks[0].blocks)
+    with open(f, "rb") as fh:
+        res = image.split_stream(fh, tmp_path / "ram", allow_missing=True)
+    assert res.parts.config.capabilities == ("x-ignore-shared",)
+    assert res.missing == {"pc.ram": MEM // s.PAGE_SIZE}
+    parts = image.strip_ignore_shared(res.parts)
+    ram = dict(res.ram, **{"pc.ram": ram_file})
+    rebuilt = tmp_path / "full.bin"
+    with open(rebuilt, "wb") as fh:
+        image.write_canonical_stream(fh, parts, ram)
+    with open(rebuilt, "rb") as fh:
+        image.verify_canonical(fh, parts, ram)
+    load_and_compare(tmp_path, f"exec:cat {rebuilt}", src_mem, src_regs, counter)
