@@ -32,6 +32,7 @@ from nephele.delta.stats import StreamStats
 from nephele.errors import DeltaError, NepheleError, StreamCorrupt, StreamTruncated, VerificationFailed
 
 WINDOW_BLOCKS = 8192
+HOLE_MIN_BLOCKS = 8  # zero runs of at least 32 KiB stay holes in the rebuilt file
 
 
 def _verification(msg: str, *, offset: int) -> VerificationFailed:
@@ -107,7 +108,12 @@ class _Image:
             nz = np.empty(cnt, np.bool_)
             K.nonzero_rows(win.view(np.uint64), nz)
             edges = np.flatnonzero(np.diff(np.concatenate(([False], nz, [False])).astype(np.int8)))
-            for a, b in zip(edges[0::2], edges[1::2], strict=True):
+            starts, ends = edges[0::2], edges[1::2]
+            if starts.size > 1:  # leave only long zero runs as holes: fewer, larger writes
+                gap_ok = (starts[1:] - ends[:-1]) >= HOLE_MIN_BLOCKS
+                starts = np.concatenate((starts[:1], starts[1:][gap_ok]))
+                ends = np.concatenate((ends[:-1][gap_ok], ends[-1:]))
+            for a, b in zip(starts, ends, strict=True):
                 self._pwrite(win[a:b], self.wstart + int(a))
         self.wstart += self.W
         self.loaded = False
