@@ -114,9 +114,9 @@ def tag_element(tags: Mapping[str, str]) -> ET.Element:
 
 
 def tag_xml(tags: Mapping[str, str]) -> str:
-    """The metadata element as libvirt's setMetadata wants it (namespace bound to its prefix)."""
-    el = ET.Element(f"{NEPHELE_PREFIX}:domain", {k: v for k, v in sorted(tags.items()) if v is not None})
-    el.set(f"xmlns:{NEPHELE_PREFIX}", NEPHELE_NS)
+    """The metadata element as libvirt's setMetadata wants it: unqualified; libvirt puts it in the
+    namespace given with the call."""
+    el = ET.Element("domain", {k: v for k, v in sorted(tags.items()) if v is not None})
     return ET.tostring(el, encoding="unicode")
 
 

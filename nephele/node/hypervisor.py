@@ -233,8 +233,13 @@ class Hypervisor:
             )
 
     def state(self, dom: Any) -> str:
-        with libvirt_errors("cannot read domain state"):
+        """running | paused | stopped; a transient domain that is gone counts as stopped."""
+        try:
             return STATE_NAMES.get(dom.state()[0], "stopped")
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return "stopped"
+            raise NodeError(f"cannot read domain state: {exc.get_error_message()}") from None
 
     def suspend(self, dom: Any) -> None:
         with libvirt_errors(f"cannot pause {dom.name()}"):
