@@ -33,7 +33,7 @@ def register(subparsers: Any) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("-f", "--file", required=True, metavar="MANIFEST", help="the manifest (cloudlet.yaml)")
+    p.add_argument("-f", "--file", required=True, metavar="MANIFEST", help="the manifest; '-' reads stdin")
     p.add_argument(
         "--observed",
         metavar="STATE.json",
@@ -99,7 +99,7 @@ def read_inventory(path: str) -> Inventory:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        raw = Path(args.file).read_bytes()
+        raw = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
     except OSError as exc:
         raise ManifestError(
             [Problem(args.file, 1, 1, "", f"cannot read the file: {exc.strerror or exc}")]
@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ManifestError([Problem(args.file, 1, 1, "", "the file is not UTF-8 text")]) from exc
-    desired = manifest.loads(text, args.file)
+    desired = manifest.loads(text, "<stdin>" if args.file == "-" else args.file)
     if args.observed is None:
         raise PlanError(
             "--observed STATE.json is required: nephele cannot observe live nodes yet "

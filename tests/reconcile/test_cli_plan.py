@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -178,3 +180,10 @@ def test_example_files_plan_with_changes(capsys: Any) -> None:
     code, out, _ = run(capsys, "plan", "-f", m, "--observed", o, "--detailed-exitcode")
     assert code == 2
     assert "+ instance/web-1" in out
+
+
+def test_manifest_from_stdin(files: dict[str, Path], capsys: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(MANIFEST.encode())))
+    code, out, _ = run(capsys, "plan", "-f", "-", "--observed", files["observed"], "-o", "json")
+    assert code == 0
+    assert json.loads(out)["meta"]["manifest_path"] == "-"
