@@ -91,7 +91,8 @@ class Precondition:
             case Fact.IMAGE_ABSENT:
                 return f"image {self.name} absent from {self.node}"
             case Fact.SNAPSHOT_PRESENT:
-                return f"snapshot {self.name} present on {self.node}"
+                cid = f" with content id {self.content_id[:12]}" if self.content_id else ""
+                return f"snapshot {self.name} present on {self.node}{cid}"
             case Fact.SNAPSHOT_ABSENT:
                 return f"snapshot {self.name} absent from {self.node}"
             case Fact.INSTANCE:

@@ -113,9 +113,11 @@ class _Planner:
         return a
 
     def owned(self, c: _Copy) -> bool:
-        return c.obs.manifest == self.d.name or (
-            self.inv is not None and self.inv.owns("instance", c.obs.name, c.node)
-        )
+        """Ours: tagged with this manifest, or untagged but in our inventory. Another manifest's tag
+        always wins over our inventory: nephele never takes over a VM another manifest manages."""
+        if c.obs.manifest is not None:
+            return c.obs.manifest == self.d.name
+        return self.inv is not None and self.inv.owns("instance", c.obs.name, c.node)
 
     def dead_reason(self, node: str) -> str:
         obs = self.o.nodes.get(node)
@@ -243,7 +245,9 @@ class _Planner:
                 est = None
                 if src_node:
                     held = self.up[src_node].snapshots[s.name]
-                    pre.append(Precondition(Fact.SNAPSHOT_PRESENT, src_node, s.name))
+                    pre.append(
+                        Precondition(Fact.SNAPSHOT_PRESENT, src_node, s.name, content_id=held.content_id)
+                    )
                     est = estimate.snapshot_copy(self.d, held, src_node, n) if held.delta_bytes else None
                 deps = self.base_deps(s.image, n, pre)
                 a = self.add(
@@ -275,8 +279,9 @@ class _Planner:
         """An instance on `node` needs its snapshot (and so its image) there first."""
         if (snapshot, node) in self.snaps_at:
             return (self.snaps_at[(snapshot, node)],)
-        if node in self.up and snapshot in self.up[node].snapshots:
-            pre.append(Precondition(Fact.SNAPSHOT_PRESENT, node, snapshot))
+        have = self.up[node].snapshots.get(snapshot) if node in self.up else None
+        if have is not None:
+            pre.append(Precondition(Fact.SNAPSHOT_PRESENT, node, snapshot, content_id=have.content_id))
         spec = self.d.snapshots.get(snapshot)
         return self.base_deps(spec.image, node, pre) if spec else ()
 
