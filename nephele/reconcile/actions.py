@@ -8,7 +8,7 @@ be read back exactly (`nephele plan -out`, later `nephele apply PLANFILE`). The 
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -346,7 +346,3 @@ class Plan:
 def action_id(kind: ActionKind, address: str, node: str | None = None) -> str:
     """Stable ids: `handoff:instance/web-1`; per-node objects and stray instance copies add `@node`."""
     return f"{kind.value}:{address}@{node}" if node else f"{kind.value}:{address}"
-
-
-def ids(actions: Sequence[Action]) -> list[str]:
-    return [a.id for a in actions]

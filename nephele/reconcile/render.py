@@ -119,11 +119,15 @@ def render_text(plan: Plan) -> str:
     n_handoffs = plan.counts()["handoff"]
     if n_handoffs:
         waves = plan.summary()["handoff_waves"]
-        lines.append(
-            f"Handoffs: {n_handoffs} in {waves} wave(s) (at most {plan.max_parallel_handoffs} at once), "
-            f"~{human_bytes(total_bytes)} over the WAN, ~{human_seconds(seconds)} "
-            "(estimated by a model, see docs/plan.md)"
-        )
+        unsized = sum(1 for a in plan.actions if a.kind is ActionKind.HANDOFF and a.estimate is None)
+        head = f"Handoffs: {n_handoffs} in {waves} wave(s) (at most {plan.max_parallel_handoffs} at once), "
+        if unsized == n_handoffs:
+            lines.append(head + "no estimate (the nodes reported no sizes)")
+        else:
+            cost = f"~{human_bytes(total_bytes)} over the WAN, ~{human_seconds(seconds)}"
+            if unsized:
+                cost += f" for the {n_handoffs - unsized} with an estimate"
+            lines.append(head + cost + " (estimated by a model, see docs/plan.md)")
         lines.append("")
     if plan.unknown:
         lines.append("Unknown (their node did not answer):")

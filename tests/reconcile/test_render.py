@@ -116,3 +116,11 @@ def test_plan_is_deterministic_whatever_the_json_key_order(desired: Desired) -> 
     assert one == two
     assert render_text(one) == render_text(two)
     assert [w.address for w in one.warnings] == ["instance/aa-old", "instance/zz-old"]
+
+
+def test_handoffs_without_sizes_say_so(desired: Desired) -> None:
+    obs = observed_dict()
+    del obs["nodes"]["edge-a"]["instances"]["web-1"]["dirty_bytes"]
+    text = render_text(plan(desired, Observed.from_dict(obs)))
+    assert "  » instance/web-1  edge-a → edge-b  (no estimate: the node reported no sizes) (wave 1)\n" in text
+    assert "Handoffs: 1 in 1 wave(s) (at most 1 at once), no estimate (the nodes reported no sizes)\n" in text
