@@ -236,6 +236,12 @@ class CloudletNode:
         return self.host_dir / "root"
 
     @property
+    def libvirt_tcp_uri(self) -> str:
+        """The node's libvirtd over TCP (no auth), reachable from the host and the other nodes: the
+        destination URI for peer-to-peer migration."""
+        return f"qemu+tcp://{self.address}/system"
+
+    @property
     def libvirt_dir(self) -> Path:
         return self.host_dir / "libvirt"
 
@@ -323,6 +329,7 @@ class CloudletNode:
             "host_dir": str(self.host_dir),
             "libvirt_uri": self.libvirt_uri,
             "libvirt_uri_on_node": "qemu:///system",
+            "libvirt_tcp_uri": self.libvirt_tcp_uri,
             "ssh_user": self.ssh_user,
             "ssh_port": self.ssh_port,
             "ssh_key": str(self.ssh_key),
@@ -613,7 +620,7 @@ class Cloudlet:
             "set -e",
             f"hostname {q(node.name)}",
             # the node's own sysfs (its network devices); no cgroup mounts in it, which libvirt then skips
-            "umount -l /sys && mount -t sysfs sysfs /sys",
+            "{ umount -l /sys && mount -t sysfs sysfs /sys; } 2>/dev/null || true",
         ]
         if not (d / "libvirt" / "etc").exists():
             shutil.copytree("/etc/libvirt", d / "libvirt" / "etc", symlinks=True)
@@ -659,6 +666,9 @@ class Cloudlet:
                 "\n# nephele cloudlet node\n"
                 'unix_sock_group = "root"\nunix_sock_rw_perms = "0770"\n'
                 'log_outputs = "3:file:/var/log/libvirt/libvirtd.log"\n'
+                # plain TCP on the node address, for peer-to-peer migration between nodes (a test
+                # network only the host and the nodes reach)
+                f'listen_tls = 0\nlisten_tcp = 1\nlisten_addr = "{node.address}"\nauth_tcp = "none"\n'
             )
 
     def _write_sshd_config(self, node: CloudletNode, authorized: Path) -> None:
@@ -700,7 +710,7 @@ class Cloudlet:
         sock = node.libvirt_dir / "run" / "libvirt-sock"
         with contextlib.suppress(FileNotFoundError):
             sock.unlink()
-        proc = node.run([LIBVIRTD, "-d", "-p", "/run/libvirt/libvirtd.pid"], timeout=30)
+        proc = node.run([LIBVIRTD, "-d", "-l", "-p", "/run/libvirt/libvirtd.pid"], timeout=30)
         if proc.returncode != 0:
             raise CloudletError(f"node {node.name}: libvirtd failed to start: {proc.stderr.strip()}")
         deadline = time.monotonic() + 20

@@ -3,6 +3,7 @@ in a node answering from the host, and a teardown that leaves nothing behind."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -344,3 +345,36 @@ def test_cli_up_status_down(tmp_path: Path) -> None:
     assert not [ns for ns in _netns_list() if ns.startswith(f"nphl-{name}-")]
     st = subprocess.run([*nephele, "status", *wd], capture_output=True, text=True, check=False)
     assert st.returncode == 1 and "no cloudlet named" in st.stderr
+
+
+def test_libvirt_peer_to_peer_migration_between_nodes(cloudlet: Cloudlet, guest: GuestFiles) -> None:
+    """The nodes' libvirtds reach each other (qemu+tcp), so libvirt's own live migration works between
+    nodes: the VM keeps its RAM and its port forward answers on node B afterwards."""
+    import libvirt
+
+    a, b = cloudlet.nodes
+    xml = _domain_xml("mig", guest, "", "/var/nephele/mig-serial.log", 18082)
+    xml = re.sub(r"<disk .*?</disk>", "", xml, flags=re.S)  # RAM only: the disk path is node-local
+    conn_a, conn_b = libvirt.open(a.libvirt_uri), libvirt.open(b.libvirt_uri)
+    cloudlet.set_link(1000)  # speed, not shaping, is under test here
+    try:
+        dom = conn_a.createXML(xml)
+        serial = a.host_root / "mig-serial.log"
+        deadline = time.monotonic() + 120
+        while not (serial.exists() and "NEPHELE-READY" in serial.read_text(errors="replace")):
+            assert time.monotonic() < deadline, "guest never printed NEPHELE-READY"
+            time.sleep(0.3)
+        before = urllib.request.urlopen(f"http://{a.address}:18082/cgi-bin/md5", timeout=10).read().decode()
+        params = {libvirt.VIR_MIGRATE_PARAM_URI: f"tcp://{b.address}:49152"}
+        dom.migrateToURI3(b.libvirt_tcp_uri, params, libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER)
+        assert "mig" not in [d.name() for d in conn_a.listAllDomains()]
+        assert conn_b.lookupByName("mig").isActive()
+        after = urllib.request.urlopen(f"http://{b.address}:18082/cgi-bin/md5", timeout=10).read().decode()
+        assert before.split()[0] == after.split()[0]  # same fill_md5: guest RAM crossed over
+        assert int(after.split("counter=")[1]) >= int(before.split("counter=")[1])
+    finally:
+        for conn in (conn_a, conn_b):
+            with contextlib.suppress(libvirt.libvirtError):
+                conn.lookupByName("mig").destroy()
+            conn.close()
+        cloudlet.set_link(20)

@@ -102,6 +102,7 @@ def test_inventory_round_trip() -> None:
                 "host_dir": "/w/x/nodes/edge-a",
                 "libvirt_uri": "qemu:///system?socket=/w/x/nodes/edge-a/libvirt/run/libvirt-sock",
                 "libvirt_uri_on_node": "qemu:///system",
+                "libvirt_tcp_uri": "qemu+tcp://10.201.0.1/system",
                 "ssh_user": "root",
                 "ssh_port": 22,
                 "ssh_key": "/w/x/ssh/id",
