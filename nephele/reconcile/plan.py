@@ -814,8 +814,19 @@ class _Planner:
 
     def check_budget(self, ordered: list[Action]) -> None:
         budget = self.d.policy.transfer_budget_bytes
-        total = sum(a.estimate.bytes for a in ordered if a.kind is ActionKind.HANDOFF and a.estimate)
-        if budget is None or total <= budget:
+        if budget is None:
+            return
+        handoffs = [a for a in ordered if a.kind is ActionKind.HANDOFF]
+        unsized = [a.address for a in handoffs if a.estimate is None]
+        if unsized:
+            self.warnings.append(
+                Diagnostic(
+                    f"no size estimate for the handoff of {', '.join(unsized)}: the transfer budget check "
+                    "cannot count it"
+                )
+            )
+        total = sum(a.estimate.bytes for a in handoffs if a.estimate)
+        if total <= budget:
             return
         msg = f"handoffs would move ~{mib(total)}, over the transfer budget of {mib(budget)} (policy)"
         if self.opts.ignore_transfer_budget:
