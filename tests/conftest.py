@@ -76,7 +76,7 @@ def guest() -> Iterator[GuestFiles]:
 @pytest.fixture(scope="session")
 def cloudlet(guest: GuestFiles) -> Iterator[Cloudlet]:
     require(tools=CLOUDLET_TOOLS, files=CLOUDLET_DAEMONS)
-    reap_orphans()
+    reap_orphans(cloudlet_workdir())
     c = Cloudlet.up(
         f"pt{os.getpid()}", 2, rate_mbit=20, delay_ms=20, workdir=cloudlet_workdir(), owner_pid=os.getpid()
     )

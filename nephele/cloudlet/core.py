@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from nephele.errors import CloudletError
+from nephele.model import NodeSpec
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9]{0,9}$")  # short: interface names are limited to 15 characters
 MAX_NODES = 16
@@ -874,6 +875,21 @@ class Cloudlet:
     def inventory_path(self) -> Path:
         return self.dir / "cloudlet.json"
 
+    def node_specs(self) -> list[NodeSpec]:
+        """The nodes as the shared model describes them (what a manifest's `nodes:` would give)."""
+        return [
+            NodeSpec(
+                name=n.name,
+                address=n.address,
+                ssh_user=n.ssh_user,
+                ssh_port=n.ssh_port,
+                ssh_key=str(n.ssh_key),
+                root=n.root,
+                link_mbit=self.rate_mbit,
+            )
+            for n in self.nodes
+        ]
+
     def manifest_nodes(self) -> str:
         """The `nodes:` section of a manifest for this cloudlet (YAML text)."""
         out = ["nodes:"]
@@ -1055,14 +1071,19 @@ def teardown(name: str, cdir: Path | None, *, remove_dir: bool = True) -> list[s
     return removed
 
 
-def reap_orphans() -> list[str]:
-    """Tear down cloudlets whose owner process (a test session) is gone. Returns their names."""
-    reaped = []
+def reap_orphans(workdir: Path | str | None = None) -> list[str]:
+    """Tear down cloudlets whose owner process (a test session) is gone: those registered as up, and those
+    with an inventory under `workdir` (left by a run the machine did not survive). Returns their names."""
+    found: dict[str, Cloudlet] = {}
     for name in registered_names():
-        try:
-            c = Cloudlet.load(name)
-        except CloudletError:
-            continue
+        with contextlib.suppress(CloudletError):
+            found[name] = Cloudlet.load(name)
+    if workdir is not None and Path(workdir).is_dir():
+        for inv in sorted(Path(workdir).glob("*/cloudlet.json")):
+            with contextlib.suppress(CloudletError):
+                found.setdefault(inv.parent.name, Cloudlet.load(inv.parent.name, workdir))
+    reaped = []
+    for name, c in sorted(found.items()):
         if c.owner_pid is not None and not _alive(c.owner_pid):
             teardown(name, c.dir, remove_dir=True)
             reaped.append(name)

@@ -378,3 +378,17 @@ def test_libvirt_peer_to_peer_migration_between_nodes(cloudlet: Cloudlet, guest:
                 conn.lookupByName("mig").destroy()
             conn.close()
         cloudlet.set_link(20)
+
+
+def test_reap_orphans_removes_cloudlets_of_dead_sessions(cloudlet_factory: Callable[..., Cloudlet]) -> None:
+    from nephele.cloudlet import reap_orphans
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    orphan = cloudlet_factory(1, owner_pid=gone.pid)
+    mine = cloudlet_factory(1)
+    assert orphan.healthy() and mine.healthy()
+    reaped = reap_orphans(orphan.dir.parent)
+    assert orphan.name in reaped and mine.name not in reaped
+    assert _traces(orphan) == []
+    assert mine.healthy()

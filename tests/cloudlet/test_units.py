@@ -117,6 +117,14 @@ def test_inventory_round_trip() -> None:
     assert c.to_dict() == data
     assert "edge-a: {address: 10.201.0.1, ssh: {user: root, port: 22" in c.manifest_nodes()
     assert c.nodes[0].ssh_command("hostname")[-2:] == ["root@10.201.0.1", "hostname"]
+    (spec,) = c.node_specs()
+    assert (spec.name, spec.address, spec.ssh_key, spec.root, spec.link_mbit) == (
+        "edge-a",
+        "10.201.0.1",
+        "/w/x/ssh/id",
+        "/var/nephele",
+        20.0,
+    )
     with pytest.raises(CloudletError, match="no node 'edge-z'"):
         c.node("edge-z")
 
