@@ -144,8 +144,8 @@ class _Planner:
         self.pass_leftovers()
         self.pass_ports()
         ordered = self.order()
-        ordered = self.assign_waves(ordered)
         ordered = self.apply_targets(ordered)
+        ordered = self.assign_waves(ordered)  # after targeting: waves count only planned handoffs
         self.check_budget(ordered)
         return Plan(
             manifest=self.d.name,
