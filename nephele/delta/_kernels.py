@@ -4,13 +4,14 @@ Everything works on whole arrays of 4 KiB blocks viewed as ``uint64[n, 512]``; n
 All kernels are ``cache=True`` (compiled once into ``NUMBA_CACHE_DIR``) and ``nogil=True`` so a second
 thread can read or compress while one classifies.
 
-The block hash ("nph128") is two independent xxh64-style 4-lane accumulators over the same words: lanes
-``a`` use xxh64's round ``rotl(a + w*P2, 31) * P1``; lanes ``b`` use a different round
-``rotl(b ^ (w*P4), 27) * P3 + P5`` with another seed, so the halves do not share structure. Each half ends
-with xxh64's merge and avalanche. It is not XXH3 and not cryptographic: it is a fast (memory-bound on this
-machine) 128-bit fingerprint for dedup candidates and for the per-block verification list (see
-``wire.py``). Half ``h1`` keys the hash tables; a table hit is confirmed with ``h2`` and then either byte
-for byte (reference images) or by the full 128 bits plus a version check (blocks earlier in the stream).
+The block hash ("nph128") is two xxh64-style 4-lane accumulators over the same words, sharing the
+product ``m = w*P2`` (a bijection of the word, so nothing is lost): lanes ``a`` use xxh64's round
+``rotl(a + m, 31) * P1``; lanes ``b`` a different round ``rotl(b ^ m, 27) * P3 + P5`` with another
+seed. Each half ends with xxh64's merge and avalanche. It is not XXH3 and not cryptographic: it is a
+fast (memory-bound on this machine) 128-bit fingerprint for dedup candidates and for the per-block
+verification list (see ``wire.py``). Half ``h1`` keys the hash tables; a table hit is confirmed with
+``h2`` and then either byte for byte (reference images) or by the full 128 bits plus a version check
+(blocks earlier in the stream).
 """
 
 from __future__ import annotations
@@ -84,18 +85,18 @@ def _hash_row(w: np.ndarray) -> tuple[np.uint64, np.uint64]:
     b2 = SEED_B + P5
     b3 = SEED_B - P3
     for k in range(0, WORDS, 4):
-        x0 = w[k]
-        x1 = w[k + 1]
-        x2 = w[k + 2]
-        x3 = w[k + 3]
-        a0 = _rotl(a0 + x0 * P2, R31) * P1
-        a1 = _rotl(a1 + x1 * P2, R31) * P1
-        a2 = _rotl(a2 + x2 * P2, R31) * P1
-        a3 = _rotl(a3 + x3 * P2, R31) * P1
-        b0 = _rotl(b0 ^ (x0 * P4), R27) * P3 + P5
-        b1 = _rotl(b1 ^ (x1 * P4), R27) * P3 + P5
-        b2 = _rotl(b2 ^ (x2 * P4), R27) * P3 + P5
-        b3 = _rotl(b3 ^ (x3 * P4), R27) * P3 + P5
+        m0 = w[k] * P2
+        m1 = w[k + 1] * P2
+        m2 = w[k + 2] * P2
+        m3 = w[k + 3] * P2
+        a0 = _rotl(a0 + m0, R31) * P1
+        a1 = _rotl(a1 + m1, R31) * P1
+        a2 = _rotl(a2 + m2, R31) * P1
+        a3 = _rotl(a3 + m3, R31) * P1
+        b0 = _rotl(b0 ^ m0, R27) * P3 + P5
+        b1 = _rotl(b1 ^ m1, R27) * P3 + P5
+        b2 = _rotl(b2 ^ m2, R27) * P3 + P5
+        b3 = _rotl(b3 ^ m3, R27) * P3 + P5
     ha = _rotl(a0, R1) + _rotl(a1, R7) + _rotl(a2, R12) + _rotl(a3, R18)
     ha = _merge(ha, a0)
     ha = _merge(ha, a1)

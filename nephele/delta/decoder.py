@@ -10,11 +10,13 @@ On any error every temporary file is removed and nothing appears at the output p
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -87,7 +89,10 @@ class _Image:
         self.W = max(1, min(WINDOW_BLOCKS, self.nblocks))
         self.wstart = 0
         self.win: np.ndarray | None = None
+        self._spare: np.ndarray | None = None
         self.loaded = False
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="nephele-delta-write")
+        self._pending: Future[None] | None = None
 
     # The window holds blocks wstart .. wstart+W; everything before wstart is in the file.
     def _load(self) -> np.ndarray:
@@ -102,21 +107,34 @@ class _Image:
         return self.win
 
     def _flush(self) -> None:
+        """Hand the window to the writer thread and move on with the spare buffer."""
         cnt = min(self.W, self.nblocks - self.wstart)
         if cnt > 0 and (self.loaded or self.base_n > self.wstart):
-            win = self._load()[:cnt]
-            nz = np.empty(cnt, np.bool_)
-            K.nonzero_rows(win.view(np.uint64), nz)
-            edges = np.flatnonzero(np.diff(np.concatenate(([False], nz, [False])).astype(np.int8)))
-            starts, ends = edges[0::2], edges[1::2]
-            if starts.size > 1:  # leave only long zero runs as holes: fewer, larger writes
-                gap_ok = (starts[1:] - ends[:-1]) >= HOLE_MIN_BLOCKS
-                starts = np.concatenate((starts[:1], starts[1:][gap_ok]))
-                ends = np.concatenate((ends[:-1][gap_ok], ends[-1:]))
-            for a, b in zip(starts, ends, strict=True):
-                self._pwrite(win[a:b], self.wstart + int(a))
+            win = self._load()
+            self._wait()  # the spare buffer's write must be done before it is reused
+            self._pending = self._pool.submit(self._write_window, win, self.wstart, cnt)
+            self.win, self._spare = self._spare, win
         self.wstart += self.W
         self.loaded = False
+
+    def _write_window(self, win: np.ndarray, wstart: int, cnt: int) -> None:
+        rows = win[:cnt]
+        nz = np.empty(cnt, np.bool_)
+        K.nonzero_rows(rows.view(np.uint64), nz)
+        edges = np.flatnonzero(np.diff(np.concatenate(([False], nz, [False])).astype(np.int8)))
+        starts, ends = edges[0::2], edges[1::2]
+        if starts.size > 1:  # leave only long zero runs as holes: fewer, larger writes
+            gap_ok = (starts[1:] - ends[:-1]) >= HOLE_MIN_BLOCKS
+            starts = np.concatenate((starts[:1], starts[1:][gap_ok]))
+            ends = np.concatenate((ends[:-1][gap_ok], ends[-1:]))
+        for a, b in zip(starts, ends, strict=True):
+            self._pwrite(rows[a:b], wstart + int(a))
+        os.fdatasync(self.fd)  # start the disk writes now rather than all in close()
+
+    def _wait(self) -> None:
+        if self._pending is not None:
+            fut, self._pending = self._pending, None
+            fut.result()
 
     def _pwrite(self, rows: np.ndarray, block: int) -> None:
         mv = np.ascontiguousarray(rows).data.cast("B")
@@ -128,6 +146,8 @@ class _Image:
 
     def write(self, blocks: np.ndarray, rows: np.ndarray) -> None:
         behind = blocks < self.wstart
+        if behind.any():
+            self._wait()
         for i in np.flatnonzero(behind):
             self._pwrite(rows[i : i + 1], int(blocks[i]))
         ahead = np.flatnonzero(~behind)
@@ -150,6 +170,8 @@ class _Image:
         behind = blocks < self.wstart
         inwin = ~behind & (blocks < wend)
         beyond = blocks >= wend
+        if behind.any():
+            self._wait()
         for i in np.flatnonzero(behind):
             mv = out[i].data.cast("B")
             got = os.preadv(self.fd, [mv], int(blocks[i]) * BLOCK)
@@ -168,6 +190,9 @@ class _Image:
     def finish(self) -> None:
         while self.wstart < self.nblocks:
             self._flush()
+        self._wait()
+        self._pool.shutdown()
+        self.win = self._spare = None
         os.ftruncate(self.fd, self.size)
 
     def sync(self) -> None:
@@ -191,6 +216,9 @@ class _Image:
             pass
 
     def abort(self) -> None:
+        with contextlib.suppress(Exception):  # the stream already failed; this only drains the writer
+            self._wait()
+        self._pool.shutdown()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

@@ -5,7 +5,7 @@ snapshot). Its index is one nph128 hash per 4 KiB block (the last partial block 
 stored beside the image as ``<image>.nxi`` so it is computed once:
 
     offset size  field
-    0      8     magic b"NPHNXI1\\n"
+    0      8     magic b"NPHNXI2\\n" (2 = the nph128 version)
     8      8     image size in bytes (u64 LE)
     16     8     image mtime_ns (i64 LE)
     24     8     image inode number (u64 LE)
@@ -34,7 +34,7 @@ from nephele.errors import DeltaError
 
 BLOCK = 4096
 CHUNK_BLOCKS = 8192  # 32 MiB read chunks
-NXI_MAGIC = b"NPHNXI1\n"
+NXI_MAGIC = b"NPHNXI2\n"  # the number changes whenever nph128 does
 _NXI_HEAD = struct.Struct("<8sQqQQ32s")
 _DIGEST_TAG = b"nephele-nph128-list-v1\0"
 
