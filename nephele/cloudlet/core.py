@@ -514,20 +514,8 @@ class Cloudlet:
     def _build(self) -> None:
         (self.dir / "ssh").mkdir(parents=True, exist_ok=True)
         (self.dir / "ssh").chmod(0o700)
-        _run(
-            [
-                "ssh-keygen",
-                "-q",
-                "-t",
-                "ed25519",
-                "-N",
-                "",
-                "-C",
-                f"nephele-cloudlet-{self.name}",
-                "-f",
-                str(self.ssh_key),
-            ]
-        )
+        comment = f"nephele-cloudlet-{self.name}"
+        _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(self.ssh_key)])
         authorized = self.dir / "ssh" / "authorized_keys"
         shutil.copyfile(self.ssh_key.with_suffix(".pub"), authorized)
         authorized.chmod(0o600)
@@ -537,21 +525,8 @@ class Cloudlet:
         _run(["mount", "--bind", str(nsdir), str(nsdir)])
         _run(["mount", "--make-private", str(nsdir)])
         plen = ipaddress.ip_network(self.subnet).prefixlen
-        _run(
-            [
-                "ip",
-                "link",
-                "add",
-                "name",
-                self.bridge,
-                "type",
-                "bridge",
-                "forward_delay",
-                "0",
-                "stp_state",
-                "0",
-            ]
-        )
+        bridge_opts = ["type", "bridge", "forward_delay", "0", "stp_state", "0"]
+        _run(["ip", "link", "add", "name", self.bridge, *bridge_opts])
         _run(["ip", "addr", "add", f"{self.bridge_address}/{plen}", "dev", self.bridge])
         _run(["ip", "link", "set", self.bridge, "up"])
         hosts_file = "127.0.0.1\tlocalhost\n" + "".join(f"{n.address}\t{n.name}\n" for n in self.nodes)
@@ -687,10 +662,8 @@ class Cloudlet:
         )
         host_pub = key.with_suffix(".pub").read_text().split()
         entry = node.address if node.ssh_port == 22 else f"[{node.address}]:{node.ssh_port}"
-        lines = [
-            ln for ln in (self.known_hosts.read_text().splitlines() if self.known_hosts.exists() else [])
-        ]
-        lines = [ln for ln in lines if ln.split(" ", 1)[0] != entry]
+        old = self.known_hosts.read_text().splitlines() if self.known_hosts.exists() else []
+        lines = [ln for ln in old if ln.split(" ", 1)[0] != entry]
         lines.append(f"{entry} {host_pub[0]} {host_pub[1]}")
         self.known_hosts.write_text("\n".join(lines) + "\n")
 

@@ -392,3 +392,13 @@ def test_reap_orphans_removes_cloudlets_of_dead_sessions(cloudlet_factory: Calla
     assert orphan.name in reaped and mine.name not in reaped
     assert _traces(orphan) == []
     assert mine.healthy()
+
+
+def test_down_keep_leaves_only_the_state_directory(cloudlet_factory: Callable[..., Cloudlet]) -> None:
+    c = cloudlet_factory(1)
+    log = c.nodes[0].libvirt_dir / "log" / "libvirtd.log"
+    (c.nodes[0].host_root / "kept").write_text("x")
+    c.down(keep=True)
+    assert _traces(c) == [str(c.dir)]  # no namespace, mount or bridge left; the files stay for reading
+    assert (c.nodes[0].host_root / "kept").read_text() == "x" and log.exists()
+    shutil.rmtree(c.dir)
