@@ -112,12 +112,12 @@ class FlatRam:
                 path = out_dir / block_filename(name)
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
                 self._fds[name] = fd
-                os.ftruncate(fd, length)
                 self.paths[name] = path
+                os.ftruncate(fd, length)
                 self.seen[name] = np.zeros(length // PAGE_SIZE, dtype=np.bool_)
                 self._data[name] = np.zeros(length // PAGE_SIZE, dtype=np.bool_)
         except OSError as e:
-            self.close()
+            self.remove()
             raise VmStateError(f"cannot create RAM image files in {out_dir}: {e}") from e
 
     def apply(self, ev: Page | ZeroPage) -> None:
@@ -142,6 +142,12 @@ class FlatRam:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+
+    def remove(self) -> None:
+        """Close and delete the files (a failed split leaves nothing half-written)."""
+        self.close()
+        for path in self.paths.values():
+            path.unlink(missing_ok=True)
 
 
 def split_events(
@@ -227,13 +233,15 @@ def split_stream(source: BinaryIO, out_dir: Path, *, allow_missing: bool = False
 
     try:
         parts = split_events(iter_events(source), on_page, on_blocks=on_blocks)
-    finally:
+        missing = holder[0].missing()
+        if missing and not allow_missing:
+            lost = ", ".join(f"{n}: {c} pages" for n, c in missing.items())
+            raise VmStateError(f"migration stream does not carry every RAM page ({lost})")
+    except BaseException:
         for ram in holder:
-            ram.close()
-    missing = holder[0].missing()
-    if missing and not allow_missing:
-        lost = ", ".join(f"{n}: {c} pages" for n, c in missing.items())
-        raise VmStateError(f"migration stream does not carry every RAM page ({lost})")
+            ram.remove()
+        raise
+    holder[0].close()
     return SplitResult(parts, dict(holder[0].paths), missing)
 
 

@@ -106,11 +106,17 @@ def read_save_header(path: Path) -> SaveHeader:
     try:
         with open(path, "rb") as f:
             head = f.read(HEADER_SIZE)
-            if len(head) == HEADER_SIZE and head[:16] in (SAVE_MAGIC, PARTIAL_MAGIC):
-                (data_len,) = struct.unpack_from("<I", head, 20)
-                (version,) = struct.unpack_from("<I", head, 16)
+            if len(head) == HEADER_SIZE and head[:16] == SAVE_MAGIC:
+                order = "<" if struct.unpack_from("<I", head, 16)[0] <= SAVE_VERSION else ">"
+                version, data_len = struct.unpack_from(order + "II", head, 16)
                 if version > SAVE_VERSION:
-                    (data_len,) = struct.unpack_from(">I", head, 20)
+                    return parse_save_header(head, path)  # raises: unsupported version
+                size = os.fstat(f.fileno()).st_size
+                if HEADER_SIZE + data_len > size:
+                    raise _die(
+                        path,
+                        f"truncated: the XML area ends at byte {HEADER_SIZE + data_len}, the file at {size}",
+                    )
                 head += f.read(data_len)
             hdr = parse_save_header(head, path)
             magic = f.read(len(FILE_HEADER))

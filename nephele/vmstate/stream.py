@@ -81,6 +81,7 @@ _BE16 = struct.Struct(">H")
 _BE32 = struct.Struct(">I")
 _BE64 = struct.Struct(">Q")
 _FOOTER = struct.Struct(">BI")
+_VMDESC_MAX = 64 << 20  # a VMDESCRIPTION is JSON about the devices: tens to hundreds of KiB
 _VMDESC_RE = re.compile(rb'\x00\x06(....)\{"page_size"', re.DOTALL)
 
 
@@ -657,6 +658,10 @@ class MigrationStreamParser:
                 self._vmdesc_at = m.start()
             at = self._vmdesc_at
             (length,) = _BE32.unpack_from(self._tail, at + 2)
+            if length > _VMDESC_MAX:  # device bytes that merely look like one; keep looking
+                self._vmdesc_at = None
+                self._vmdesc_scan = at + 1
+                continue
             vm_end = at + 6 + length
             if vm_end > len(self._tail):
                 break  # wait for the rest of the description

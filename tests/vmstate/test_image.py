@@ -206,3 +206,14 @@ def test_strip_ignore_shared(tmp_path: Path) -> None:
     res = split(odd, tmp_path / "odd", allow_missing=True)
     with pytest.raises(VmStateError, match="subsections other than capabilities"):
         image.strip_ignore_shared(res.parts)
+
+
+def test_failed_split_leaves_no_files(tmp_path: Path) -> None:
+    data, _ = b.complete_stream()
+    out = tmp_path / "ram"
+    with pytest.raises(s.VmStreamError, match="device state"):
+        split(data[:-10], out)
+    assert list(out.iterdir()) == []
+    with pytest.raises(VmStateError, match="does not carry every RAM page"):
+        split(b.full_stream(), out)
+    assert list(out.iterdir()) == []

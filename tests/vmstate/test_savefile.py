@@ -169,3 +169,12 @@ def test_replace_xml_keeps_big_endian_order(tmp_path: Path) -> None:
     h = sf.read_save_header(img)
     assert (h.byteorder, h.xml, h.cookie) == (">", "<domain/>", None)
     assert struct.unpack_from(">I", img.read_bytes(), 16)[0] == 2
+
+
+def test_implausible_data_len_is_reported_not_read(tmp_path: Path) -> None:
+    img = tmp_path / "x.save"
+    raw = bytearray(image_bytes(b.complete_stream()[0]))
+    struct.pack_into("<I", raw, 20, 0x7FFF_FFFF)
+    img.write_bytes(bytes(raw))
+    with pytest.raises(VmStateError, match="truncated: the XML area ends at byte 2147483739"):
+        sf.read_save_header(img)
