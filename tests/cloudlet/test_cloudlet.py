@@ -268,6 +268,8 @@ def _traces(c: Cloudlet) -> list[str]:
     left += [m for m in _mountpoints() if m.startswith(str(c.dir))]
     if subprocess.run(["ip", "link", "show", c.bridge], capture_output=True, check=False).returncode == 0:
         left.append(c.bridge)
+    links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True, check=True).stdout
+    left += re.findall(rf"^\d+: (nv\d+-{c.name})[@:]", links, flags=re.M)  # host ends of node links
     if c.dir.exists():
         left.append(str(c.dir))
     return left
