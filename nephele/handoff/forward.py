@@ -1,0 +1,173 @@
+"""A bidirectional forwarder between a local TCP connection and an authenticated channel, with lz4.
+
+Used for the disk channel (QEMU's NBD mirror: request/response, so both directions matter) and the
+libvirt control channel. Each local read becomes one message: DATA_LZ4 (u32 raw length + lz4 block) when
+that is smaller, else DATA; a half-close becomes EOF. ``NbdTap`` watches the NBD client's requests to
+count what the disk mirror wrote (for the DISK row of the stats table).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import struct
+import threading
+from dataclasses import dataclass, field
+
+import lz4.block
+import numpy as np
+
+from nephele.handoff.channel import ChannelClosed, MsgReader, MsgSender
+
+DATA = 1
+DATA_LZ4 = 2
+EOF = 3
+CHUNK = 256 << 10
+BLOCK = 4096
+
+
+@dataclass
+class ForwardStats:
+    local_in: int = 0  # bytes read from the local socket
+    local_out: int = 0  # bytes written to the local socket
+    wan_out: int = 0  # message bytes sent on the channel
+    wan_in: int = 0
+    error: str | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class NbdTap:
+    """Counts NBD WRITE / WRITE_ZEROES requests in a client->server byte stream (newstyle handshake:
+    4 bytes of client flags, options, then requests)."""
+
+    OPT_MAGIC = 0x49484156454F5054
+    REQ_MAGIC = 0x25609513
+    CMD_WRITE = 1
+    CMD_WRITE_ZEROES = 6
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.state = 0  # 0 flags, 1 options/requests
+        self.skip = 0  # payload bytes of the current write still to come
+        self.zero_pending = bytearray()
+        self.write_bytes = 0
+        self.zero_bytes = 0  # written as WRITE_ZEROES or as all-zero 4 KiB blocks
+        self.writes = 0
+        self.broken = False
+
+    def feed(self, data: bytes) -> None:
+        if self.broken:
+            return
+        self.buf += data
+        while True:
+            if self.skip:
+                n = min(self.skip, len(self.buf))
+                self._payload(bytes(self.buf[:n]))
+                del self.buf[:n]
+                self.skip -= n
+                if self.skip:
+                    return
+                continue
+            if self.state == 0:
+                if len(self.buf) < 4:
+                    return
+                del self.buf[:4]
+                self.state = 1
+                continue
+            if len(self.buf) >= 8 and struct.unpack_from(">Q", self.buf)[0] == self.OPT_MAGIC:
+                if len(self.buf) < 16:
+                    return
+                (n,) = struct.unpack_from(">I", self.buf, 12)
+                if len(self.buf) < 16 + n:
+                    return
+                del self.buf[: 16 + n]
+                continue
+            if len(self.buf) < 28:
+                return
+            magic, _flags, cmd, _handle, _off, length = struct.unpack_from(">IHHQQI", self.buf)
+            if magic != self.REQ_MAGIC:
+                self.broken = True  # not a stream this tap understands: stop counting, keep forwarding
+                return
+            del self.buf[:28]
+            if cmd == self.CMD_WRITE:
+                self.writes += 1
+                self.write_bytes += length
+                self.skip = length
+            elif cmd == self.CMD_WRITE_ZEROES:
+                self.writes += 1
+                self.write_bytes += length
+                self.zero_bytes += length
+
+    def _payload(self, data: bytes) -> None:
+        self.zero_pending += data
+        whole = len(self.zero_pending) // BLOCK * BLOCK
+        if whole:
+            rows = np.frombuffer(bytes(self.zero_pending[:whole]), np.uint64).reshape(-1, BLOCK // 8)
+            self.zero_bytes += int((~rows.any(axis=1)).sum()) * BLOCK
+            del self.zero_pending[:whole]
+
+
+def _local_to_wan(local: socket.socket, tx: MsgSender, st: ForwardStats, tap: NbdTap | None) -> None:
+    try:
+        while True:
+            data = local.recv(CHUNK)
+            if not data:
+                break
+            st.local_in += len(data)
+            if tap is not None:
+                tap.feed(data)
+            z = lz4.block.compress(data, store_size=False) if len(data) > 64 else b""
+            if z and len(z) + 4 < len(data):
+                tx.send(DATA_LZ4, struct.pack(">I", len(data)) + z)
+            else:
+                tx.send(DATA, data)
+        tx.send(EOF)
+    except OSError as exc:
+        st.error = st.error or f"local side: {exc}"
+        with contextlib.suppress(OSError):
+            tx.sock.shutdown(socket.SHUT_RDWR)
+    finally:
+        st.wan_out = tx.bytes
+
+
+def _wan_to_local(rx: MsgReader, local: socket.socket, st: ForwardStats) -> None:
+    try:
+        while True:
+            msg = rx.read()
+            if msg is None:
+                break
+            mtype, payload = msg
+            if mtype == DATA:
+                out = payload
+            elif mtype == DATA_LZ4:
+                (n,) = struct.unpack_from(">I", payload)
+                out = lz4.block.decompress(payload[4:], uncompressed_size=n)
+            elif mtype == EOF:
+                break
+            else:
+                raise ChannelClosed(f"unexpected message type {mtype} on a forwarding channel")
+            local.sendall(out)
+            st.local_out += len(out)
+        with contextlib.suppress(OSError):
+            local.shutdown(socket.SHUT_WR)
+    except (OSError, ChannelClosed, lz4.block.LZ4BlockError) as exc:
+        st.error = st.error or f"channel side: {exc}"
+        with contextlib.suppress(OSError):
+            local.shutdown(socket.SHUT_RDWR)
+    finally:
+        st.wan_in = rx.bytes
+
+
+def forward(local: socket.socket, wan: socket.socket, *, tap: NbdTap | None = None) -> ForwardStats:
+    """Forward until both directions ended; closes both sockets. Returns the byte counts."""
+    st = ForwardStats()
+    tx, rx = MsgSender(wan), MsgReader(wan)
+    t = threading.Thread(target=_wan_to_local, args=(rx, local, st), daemon=True)
+    t.start()
+    _local_to_wan(local, tx, st, tap)
+    t.join()
+    for s in (local, wan):
+        with contextlib.suppress(OSError):
+            s.close()
+    st.done.set()
+    return st

@@ -1,0 +1,577 @@
+"""The memory channel: QEMU's live migration stream through the delta engine, rebuilt byte for byte.
+
+Source (``MemorySource``): reads the stream from the source QEMU (libvirtd hands QEMU the socket it
+opened to our local listener), parses it (nephele.vmstate), and sends in stream order:
+
+    TARGETS   JSON: the RAM blocks (name, size) from the MEM_SIZE record; the delta encoder starts
+    OPAQUE    stream bytes that are not pages (headers, footers, commands, device state), lz4
+    PAGES     a run of page records of one RAM block: u16 target, u32 n, n x be64 (offset | flags),
+              the fill byte of each ZERO record, then the delta frames (nephele.delta) of its PAGE records
+    ITER      u32: a ram section began (iteration counter for progress)
+    TAIL      the device state begins: the destination holds every byte from here on
+    STOPPED   f64: the source VM stopped (wall clock, for the downtime)
+    END       sha256 of the whole original stream + u64 length (after the delta END frame)
+    ABORT     utf-8 reason: the source gave up
+
+Destination (``MemoryDestination``): feeds the delta frames to the decoder (which checks every frame's
+checksum and sequence and, at END, the digest of every RAM block it rebuilt), re-emits each record with
+``MigrationStreamWriter`` and keeps a running sha256 of what it rebuilt. The device tail is withheld from
+the destination QEMU until the sender's whole-stream sha256 matches: on a mismatch, a corrupt frame or a
+truncated stream the destination QEMU never gets the end of the stream, cannot resume, and libvirt
+cancels the migration, which resumes the source.
+
+Return path (libvirt always enables it): the destination QEMU's bytes go back as RETURN messages. Both
+ends flush whatever they buffered before they block on a read, or the last bytes of the stream would
+wait for data that only comes after them (the deadlock in reference LIBVIRT-PROXY.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import select
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lz4.block
+import numpy as np
+
+from nephele.delta import Decoder, Encoder, RefSet
+from nephele.delta.decoder import Sink
+from nephele.delta.stats import StreamStats
+from nephele.errors import HandoffError, NepheleError
+from nephele.handoff.channel import ChannelClosed, MsgReader, MsgSender
+from nephele.vmstate import (
+    PAGE_SIZE,
+    DeviceTail,
+    MigrationStreamParser,
+    MigrationStreamWriter,
+    Opaque,
+    Page,
+    RamBlocks,
+    SectionStart,
+    StreamEnd,
+    ZeroPage,
+)
+
+TARGETS = 1
+OPAQUE = 2
+PAGES = 3
+ITER = 4
+TAIL = 5
+STOPPED = 6
+END = 7
+ABORT = 8
+# destination -> source
+RETURN = 20
+ERROR = 21
+ACK = 22  # u64: stream bytes delivered to the destination QEMU (progress, not flow control)
+
+RAM_ZERO = 0x002
+RAM_PAGE = 0x008
+RAM_CONTINUE = 0x020
+RUN_MAX = 512  # pages per PAGES message (2 MiB before encoding)
+_U64 = struct.Struct(">Q")
+_PAGES_HEAD = struct.Struct(">HI")
+
+
+def mem_ref_id(block: str) -> str:
+    return f"mem:{block}"
+
+
+@dataclass
+class MemoryStats:
+    """What the memory channel did, on either end."""
+
+    stream_bytes: int = 0  # QEMU stream bytes (read at the source, written at the destination)
+    wan_out: int = 0
+    wan_in: int = 0
+    pages: int = 0
+    zero_records: int = 0  # QEMU's own ZERO records (never reach the delta engine)
+    iteration: int = 0
+    sha256: str = ""
+    stopped_at: float | None = None
+    ended: bool = False
+    verified: bool = False
+    error: str | None = None
+    delta: StreamStats | None = None
+    started: float = field(default_factory=time.time)
+
+    def table_stats(self) -> StreamStats:
+        """The delta stats with QEMU's ZERO records added to the memory ZEROS column."""
+        st = StreamStats()
+        if self.delta is not None:
+            for k, v in self.delta.kinds.items():
+                st.kinds[k] = type(v)(**vars(v))
+            st.wire_bytes = self.delta.wire_bytes
+            st.frames = self.delta.frames
+        st.kind("memory").zeros += self.zero_records
+        return st
+
+
+def _lz4(data: bytes) -> bytes:
+    z = lz4.block.compress(data, store_size=False)
+    if len(z) + 1 < len(data):
+        return b"\x01" + _U64.pack(len(data)) + z
+    return b"\x00" + data
+
+
+def _unlz4(payload: bytes) -> bytes:
+    if payload[:1] == b"\x00":
+        return payload[1:]
+    (n,) = _U64.unpack_from(payload, 1)
+    out: bytes = lz4.block.decompress(payload[9:], uncompressed_size=n)
+    return out
+
+
+class _Capture:
+    """A file-like sink collecting what the delta encoder writes."""
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+
+    def write(self, b: bytes) -> int:
+        self.buf += b
+        return len(b)
+
+    def take(self) -> bytes:
+        out = bytes(self.buf)
+        self.buf.clear()
+        return out
+
+
+# ------------------------------------------------------------------------------------------------ source
+
+
+class MemorySource:
+    """Source end of the memory channel for one migration connection."""
+
+    def __init__(
+        self,
+        qemu: socket.socket,
+        wan: socket.socket,
+        refs: Mapping[str, Path],
+        *,
+        codec: str = "lz4",
+        on_iteration: Callable[[int], None] | None = None,
+    ) -> None:
+        self.qemu = qemu
+        self.wan = wan
+        self.tx = MsgSender(wan)
+        self.refs = dict(refs)
+        self.codec = codec
+        self.stats = MemoryStats()
+        self.on_iteration = on_iteration
+        self._enc: Encoder | None = None
+        self._refset: RefSet | None = None
+        self._cap = _Capture()
+        self._targets: dict[str, int] = {}
+        self._run: list[Page | ZeroPage] = []
+        self._run_offsets: set[int] = set()
+        self._opaque = bytearray()
+        self._sha = hashlib.sha256()
+        self.done = threading.Event()
+        self.remote_error: str | None = None
+
+    # -- sending -------------------------------------------------------------------------------------
+    def _send_delta_header(self, blocks: tuple[tuple[str, int], ...]) -> None:
+        self._refset = RefSet.open(self.refs)
+        self._enc = Encoder(self._refset, self._cap, self.codec)
+        info = []
+        for name, size in blocks:
+            base = mem_ref_id(name) if mem_ref_id(name) in self.refs else None
+            # target names become scratch file names on the destination: no idstr (it may hold '/')
+            self._targets[name] = self._enc.begin_target(f"ram{len(info)}", "memory", size, base)
+            info.append({"name": name, "size": size})
+        self.tx.send(TARGETS, json.dumps({"blocks": info}).encode() + b"\n" + self._cap.take())
+
+    def _flush_opaque(self) -> None:
+        if self._opaque:
+            self.tx.send(OPAQUE, _lz4(bytes(self._opaque)))
+            self._opaque.clear()
+
+    def _flush_run(self) -> None:
+        run = self._run
+        if not run:
+            return
+        assert self._enc is not None
+        block = run[0].block
+        tidx = self._targets.get(block)
+        if tidx is None:
+            raise HandoffError(f"memory stream: page of RAM block {block!r} that MEM_SIZE did not declare")
+        heads = np.empty(len(run), ">u8")
+        fills = bytearray()
+        nums: list[int] = []
+        datas: list[bytes | memoryview] = []
+        for i, ev in enumerate(run):
+            cont = RAM_CONTINUE if ev.cont else 0
+            if type(ev) is Page:
+                heads[i] = ev.offset | RAM_PAGE | cont
+                nums.append(ev.offset // PAGE_SIZE)
+                datas.append(ev.data)
+            else:
+                assert type(ev) is ZeroPage
+                heads[i] = ev.offset | RAM_ZERO | cont
+                fills.append(ev.fill)
+        if nums:
+            data = np.frombuffer(b"".join(datas), np.uint8).reshape(-1, PAGE_SIZE)
+            self._enc.put_blocks(tidx, np.array(nums, np.int64), data)
+        self.stats.pages += len(nums)
+        self.stats.zero_records += len(run) - len(nums)
+        payload = _PAGES_HEAD.pack(tidx, len(run)) + heads.tobytes() + bytes(fills) + self._cap.take()
+        self.tx.send(PAGES, payload)
+        self._run = []
+        self._run_offsets = set()
+
+    def _add_page(self, ev: Page | ZeroPage) -> None:
+        if self._run and (ev.block != self._run[0].block or ev.offset in self._run_offsets):
+            self._flush_run()
+        self._run.append(ev)
+        self._run_offsets.add(ev.offset)
+        if len(self._run) >= RUN_MAX:
+            self._flush_run()
+
+    def _flush_all(self) -> None:
+        self._flush_run()
+        self._flush_opaque()
+
+    def send_stopped(self, when: float) -> None:
+        self.stats.stopped_at = when
+        with contextlib.suppress(OSError):
+            self.tx.send(STOPPED, struct.pack(">d", when))
+
+    # -- loops ---------------------------------------------------------------------------------------
+    def _return_path(self) -> None:
+        """destination -> source: the return path bytes go to the source QEMU."""
+        rx = MsgReader(self.wan)
+        try:
+            while True:
+                msg = rx.read()
+                if msg is None:
+                    break
+                mtype, payload = msg
+                if mtype == RETURN:
+                    self.qemu.sendall(payload)
+                elif mtype == ERROR:
+                    self.remote_error = payload.decode(errors="replace")
+                    break
+                elif mtype == ACK:
+                    pass
+        except (OSError, NepheleError) as exc:
+            if not self.done.is_set():
+                self.remote_error = self.remote_error or f"memory channel: {exc}"
+        finally:
+            self.stats.wan_in = rx.bytes
+            # The destination is gone or finished: QEMU must not wait for a reply that cannot come.
+            with contextlib.suppress(OSError):
+                self.qemu.shutdown(socket.SHUT_RDWR if self.remote_error else socket.SHUT_WR)
+
+    def run(self) -> MemoryStats:
+        back = threading.Thread(target=self._return_path, name="handoff-return-path", daemon=True)
+        back.start()
+        parser = MigrationStreamParser()
+        try:
+            while True:
+                if not select.select([self.qemu], [], [], 0)[0]:
+                    self._flush_all()  # never block on QEMU with stream bytes held back
+                data = self.qemu.recv(1 << 20)
+                if not data:
+                    break
+                self._sha.update(data)
+                self.stats.stream_bytes += len(data)
+                for ev in parser.feed(data):
+                    t = type(ev)
+                    if t is Page or t is ZeroPage:
+                        if self._opaque:
+                            self._flush_opaque()
+                        self._add_page(ev)  # type: ignore[arg-type]
+                    elif t is Opaque:
+                        if self._run:
+                            self._flush_run()
+                        self._opaque += ev.data  # type: ignore[union-attr]
+                        if len(self._opaque) >= 1 << 20:
+                            self._flush_opaque()
+                    elif t is RamBlocks:
+                        self._flush_all()
+                        self._send_delta_header(ev.blocks)  # type: ignore[union-attr]
+                    elif t is SectionStart:
+                        self._flush_all()
+                        self.stats.iteration = ev.iteration  # type: ignore[union-attr]
+                        self.tx.send(ITER, struct.pack(">I", ev.iteration))  # type: ignore[union-attr]
+                        if self.on_iteration is not None:
+                            self.on_iteration(ev.iteration)  # type: ignore[union-attr]
+                    elif t is DeviceTail:
+                        self._flush_all()
+                        self.tx.send(TAIL)
+                    elif t is StreamEnd:
+                        self._finish()
+            if not parser.done:
+                parser.close()  # raises: the stream was cut short
+            self.stats.ended = True
+        except (NepheleError, OSError) as exc:
+            self.stats.error = self.remote_error or f"{exc}"
+            with contextlib.suppress(OSError):
+                self.tx.send(ABORT, str(exc).encode()[:4000])
+            with contextlib.suppress(OSError):
+                self.qemu.shutdown(socket.SHUT_RDWR)
+        finally:
+            self.done.set()
+            with contextlib.suppress(OSError):
+                self.wan.shutdown(socket.SHUT_WR)
+            back.join(timeout=30)
+            if self.remote_error and not self.stats.error:
+                self.stats.error = self.remote_error
+            self.stats.wan_out = self.tx.bytes
+            if self._refset is not None:
+                self._refset.close()
+            for s in (self.qemu, self.wan):
+                with contextlib.suppress(OSError):
+                    s.close()
+        return self.stats
+
+    def _finish(self) -> None:
+        self._flush_all()
+        if self._enc is None:
+            raise HandoffError("memory stream ended without a MEM_SIZE record")
+        self.stats.delta = self._enc.finish()
+        self.stats.sha256 = self._sha.hexdigest()
+        end = bytes.fromhex(self.stats.sha256) + _U64.pack(self.stats.stream_bytes)
+        self.tx.send(PAGES, _PAGES_HEAD.pack(0xFFFF, 0) + self._cap.take())  # the delta END frame
+        self.tx.send(END, end)
+
+
+# ------------------------------------------------------------------------------------------- destination
+
+
+class MemoryDestination:
+    """Destination end: rebuild the stream from the channel into the destination QEMU."""
+
+    def __init__(
+        self,
+        wan: socket.socket,
+        qemu_address: tuple[str, int],
+        refs: Mapping[str, Path],
+        scratch_dir: Path,
+        *,
+        on_progress: Callable[[MemoryStats], None] | None = None,
+    ) -> None:
+        self.wan = wan
+        self.qemu_address = qemu_address
+        self.refs = dict(refs)
+        self.scratch_dir = scratch_dir
+        self.stats = MemoryStats()
+        self.on_progress = on_progress
+        self.qemu: socket.socket | None = None
+        self.tx = MsgSender(wan)
+        self._dec: Decoder | None = None
+        self._names: list[str] = []
+        self._rows: list[tuple[np.ndarray, np.ndarray]] = []
+        self._sha = hashlib.sha256()
+        self._writer: MigrationStreamWriter | None = None
+        self._holding = False
+        self._held = bytearray()
+        self.done = threading.Event()
+
+    def _sink(self, data: bytes | memoryview) -> None:
+        if self._holding:
+            self._held += data
+        else:
+            assert self.qemu is not None
+            self.qemu.sendall(data)
+        self._sha.update(data)
+        self.stats.stream_bytes += len(data)
+
+    def _connect_qemu(self) -> None:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                self.qemu = socket.create_connection(self.qemu_address, timeout=5)
+                break
+            except OSError as exc:
+                if time.monotonic() > deadline:
+                    raise HandoffError(
+                        f"the destination QEMU does not listen on {self.qemu_address[0]}:{self.qemu_address[1]}"
+                        f" ({exc})"
+                    ) from None
+                time.sleep(0.1)
+        self.qemu.settimeout(None)
+        self.qemu.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._writer = MigrationStreamWriter(self._sink)
+
+    def _return_path(self) -> None:
+        assert self.qemu is not None
+        try:
+            while True:
+                data = self.qemu.recv(65536)
+                if not data:
+                    break
+                self.tx.send(RETURN, data)
+        except OSError:
+            pass
+
+    def _on_blocks(self, blocks: np.ndarray, rows: np.ndarray) -> None:
+        self._rows.append((blocks, rows))
+
+    def _targets(self, payload: bytes) -> None:
+        if self._dec is not None:
+            raise HandoffError("memory channel: RAM blocks declared twice")
+        head, _, delta = payload.partition(b"\n")
+        info = json.loads(head)
+        blocks = info["blocks"]
+        self._names = [str(b["name"]) for b in blocks]
+        self.scratch_dir.mkdir(parents=True, exist_ok=True)
+        sinks = {
+            f"ram{i}": Sink(on_blocks=self._on_blocks, scratch_dir=self.scratch_dir) for i in range(len(blocks))
+        }
+        self._dec = Decoder(self.refs, sinks)  # type: ignore[arg-type]
+        self._dec.feed(delta)
+
+    def _pages(self, payload: bytes) -> None:
+        if self._dec is None or self._writer is None:
+            raise HandoffError("memory channel: pages before the RAM block list")
+        tidx, n = _PAGES_HEAD.unpack_from(payload, 0)
+        p = _PAGES_HEAD.size
+        if tidx == 0xFFFF:  # the delta END frame: the decoder checks every block digest
+            self._dec.feed(payload[p:])
+            self.stats.delta = self._dec.close()
+            return
+        if tidx >= len(self._names):
+            raise HandoffError(f"memory channel: pages for unknown RAM block #{tidx}")
+        block = self._names[tidx]
+        heads = np.frombuffer(payload, ">u8", n, p).astype(np.uint64)
+        p += 8 * n
+        is_page = (heads & RAM_PAGE) != 0
+        nz = int(n - int(is_page.sum()))
+        fills = payload[p : p + nz]
+        p += nz
+        self._rows.clear()
+        self._dec.feed(payload[p:])
+        if self._rows:
+            got_blocks = np.concatenate([b for b, _ in self._rows])
+            rows = np.concatenate([r for _, r in self._rows]) if len(self._rows) > 1 else self._rows[0][1]
+        else:
+            got_blocks = np.zeros(0, np.int64)
+            rows = np.zeros((0, PAGE_SIZE), np.uint8)
+        self._rows.clear()
+        want = (heads[is_page] & ~np.uint64(0xFFF)) // np.uint64(PAGE_SIZE)
+        if got_blocks.shape[0] != want.shape[0] or not np.array_equal(got_blocks, want.astype(np.int64)):
+            raise HandoffError(
+                f"memory channel: the delta frames for RAM block {block!r} do not match the page records"
+            )
+        w = self._writer
+        pi = zi = 0
+        for h in heads.tolist():
+            off = h & ~0xFFF
+            cont = bool(h & RAM_CONTINUE)
+            if h & RAM_PAGE:
+                w.write(Page(block, off, rows[pi].data, cont))
+                pi += 1
+            else:
+                w.write(ZeroPage(block, off, fills[zi], cont))
+                zi += 1
+        self.stats.pages += pi
+        self.stats.zero_records += zi
+
+    def _end(self, payload: bytes) -> None:
+        assert self._writer is not None
+        self._writer.flush()
+        want_sha, want_len = payload[:32].hex(), _U64.unpack_from(payload, 32)[0]
+        self.stats.sha256 = self._sha.hexdigest()
+        if self.stats.delta is None:
+            raise HandoffError("memory channel: the stream ended before the delta END frame")
+        if want_len != self.stats.stream_bytes or want_sha != self.stats.sha256:
+            raise HandoffError(
+                f"verification failed: the rebuilt migration stream ({self.stats.stream_bytes} bytes, sha256 "
+                f"{self.stats.sha256[:16]}…) differs from the source's ({want_len} bytes, {want_sha[:16]}…)"
+            )
+        self.stats.verified = True
+        self._holding = False
+        assert self.qemu is not None
+        if self._held:
+            self.qemu.sendall(bytes(self._held))  # only now may the destination QEMU complete
+            self._held.clear()
+        self.stats.ended = True
+
+    def run(self) -> MemoryStats:
+        rx = MsgReader(self.wan)
+        back: threading.Thread | None = None
+        try:
+            self._connect_qemu()
+            back = threading.Thread(target=self._return_path, name="handoff-return-path", daemon=True)
+            back.start()
+            last = 0.0
+            while True:
+                if not rx.pending() and self._writer is not None:
+                    self._writer.flush()  # never block on the channel with stream bytes held back
+                msg = rx.read()
+                if msg is None:
+                    break
+                mtype, payload = msg
+                self.stats.wan_in = rx.bytes
+                if mtype == OPAQUE:
+                    assert self._writer is not None
+                    self._writer.raw(_unlz4(payload))
+                elif mtype == PAGES:
+                    self._pages(payload)
+                elif mtype == TARGETS:
+                    self._targets(payload)
+                elif mtype == ITER:
+                    (self.stats.iteration,) = struct.unpack(">I", payload)
+                elif mtype == TAIL:
+                    assert self._writer is not None
+                    self._writer.flush()
+                    self._holding = True
+                elif mtype == STOPPED:
+                    (self.stats.stopped_at,) = struct.unpack(">d", payload)
+                elif mtype == END:
+                    self._end(payload)
+                elif mtype == ABORT:
+                    raise HandoffError(f"the source aborted: {payload.decode(errors='replace')}")
+                else:
+                    raise HandoffError(f"memory channel: unknown message type {mtype}")
+                now = time.monotonic()
+                if self.on_progress is not None and now - last >= 1.0:
+                    last = now
+                    self.on_progress(self.stats)
+            if not self.stats.ended:
+                raise ChannelClosed(
+                    f"the memory channel closed before the end of the stream ({self.stats.stream_bytes} bytes "
+                    "rebuilt); the destination VM was not allowed to resume"
+                )
+            # Keep the channel open for the return path until the destination QEMU closes its side.
+            if back is not None:
+                back.join(timeout=120)
+        except (NepheleError, OSError, ValueError, KeyError) as exc:
+            self.stats.error = str(exc) or type(exc).__name__
+            with contextlib.suppress(OSError):
+                self.tx.send(ERROR, self.stats.error.encode()[:4000])
+            if self.qemu is not None:  # the destination QEMU must fail its incoming migration now
+                with contextlib.suppress(OSError):
+                    self.qemu.shutdown(socket.SHUT_RDWR)
+            if self._dec is not None:
+                self._dec.abort()
+        finally:
+            self.stats.wan_in = rx.bytes
+            self.stats.wan_out = self.tx.bytes
+            with contextlib.suppress(OSError):
+                self.wan.shutdown(socket.SHUT_RDWR)
+            if self.qemu is not None:
+                with contextlib.suppress(OSError):
+                    self.qemu.close()
+            self.wan.close()
+            self.done.set()
+        return self.stats
+
+
+def describe(stats: MemoryStats) -> dict[str, Any]:
+    d = {k: v for k, v in vars(stats).items() if k != "delta"}
+    if stats.delta is not None:
+        d["delta"] = stats.delta.to_dict()
+    return d
