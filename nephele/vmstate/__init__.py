@@ -2,7 +2,8 @@
 
 stream    incremental parser (events) and writer, byte-identical round trip
 image     a stream as prefix + flat RAM per block + device tail; canonical rebuild and its verification
-savefile  libvirt save image header/XML, split, extract_ram, write_save_image, replace_xml
+savefile  libvirt save image header/XML, split, extract_ram, write_save_image, replace_xml,
+          store_parts/load_parts/rebuild_save_image (flat RAM + small parts on disk)
 """
 
 from nephele.vmstate.image import (
@@ -19,9 +20,12 @@ from nephele.vmstate.savefile import (
     SaveHeader,
     SaveImageParts,
     extract_ram,
+    load_parts,
     read_save_header,
+    rebuild_save_image,
     replace_xml,
     split_save_image,
+    store_parts,
     write_save_image,
 )
 from nephele.vmstate.stream import (
@@ -71,10 +75,13 @@ __all__ = [
     "events_to_bytes",
     "extract_ram",
     "iter_events",
+    "load_parts",
     "read_save_header",
+    "rebuild_save_image",
     "replace_xml",
     "split_save_image",
     "split_stream",
+    "store_parts",
     "strip_ignore_shared",
     "verify_canonical",
     "write_canonical_stream",

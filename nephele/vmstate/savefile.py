@@ -16,6 +16,7 @@ little-endian on x86; a reader that finds version > 2 byte-swaps, as libvirt doe
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import struct
@@ -258,3 +259,99 @@ def replace_xml(path: Path, xml: str, *, out: Path | None = None) -> Path:
 def _swap_header(area: bytes) -> bytes:
     fields = struct.unpack_from("<" + _FIELDS, area, 16)
     return area[:16] + struct.pack(">" + _FIELDS, *fields)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A split save image on disk: flat RAM files + the small parts, e.g. for a node's image store.
+
+STATE_FILE: Final = "vmstate.json"
+_PREFIX_FILE: Final = "stream-prefix.bin"
+_TAIL_FILE: Final = "device-tail.bin"
+_XML_FILE: Final = "domain.xml"
+_COOKIE_FILE: Final = "cookie.xml"
+_STATE_FORMAT: Final = "nephele.vmstate/1"
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    f, tmp = _tmp_beside(path)
+    try:
+        with f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def store_parts(parts: SaveImageParts, directory: Path) -> Path:
+    """Write the non-RAM parts of a split image into ``directory``, where its RAM files already are
+    (``split_save_image(path, directory)``): domain XML, cookie, stream prefix, device tail, and
+    ``vmstate.json`` (written last: its presence means the set is complete)."""
+    files: dict[str, str] = {}
+    for name, path in parts.ram.items():
+        if path.parent.resolve() != directory.resolve():
+            raise VmStateError(f"RAM image {path} is not in {directory}")
+        files[name] = path.name
+    _write_atomic(directory / _XML_FILE, parts.header.xml.encode())
+    if parts.header.cookie is not None:
+        _write_atomic(directory / _COOKIE_FILE, parts.header.cookie.encode())
+    _write_atomic(directory / _PREFIX_FILE, parts.parts.prefix)
+    _write_atomic(directory / _TAIL_FILE, parts.parts.tail)
+    state = {
+        "format": _STATE_FORMAT,
+        "was_running": parts.header.was_running,
+        "cookie": parts.header.cookie is not None,
+        "blocks": [{"name": n, "length": ln, "file": files[n]} for n, ln in parts.parts.blocks.items()],
+    }
+    _write_atomic(directory / STATE_FILE, json.dumps(state, indent=1).encode())
+    return directory / STATE_FILE
+
+
+def load_parts(directory: Path) -> SaveImageParts:
+    """Read what ``store_parts`` wrote; checks that every RAM file is there at its block's length."""
+    state_path = directory / STATE_FILE
+    try:
+        state = json.loads(state_path.read_text())
+        if state.get("format") != _STATE_FORMAT:
+            raise VmStateError(f"{state_path}: unknown format {state.get('format')!r}")
+        xml = (directory / _XML_FILE).read_text()
+        cookie = (directory / _COOKIE_FILE).read_text() if state["cookie"] else None
+        prefix = (directory / _PREFIX_FILE).read_bytes()
+        tail = (directory / _TAIL_FILE).read_bytes()
+        blocks = [(str(b["name"]), int(b["length"]), str(b["file"])) for b in state["blocks"]]
+        was_running = bool(state["was_running"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise VmStateError(f"{directory}: not a complete split save image ({e})") from e
+    parts = StreamParts.from_prefix(prefix, tail)
+    if list(parts.blocks.items()) != [(n, ln) for n, ln, _ in blocks]:
+        raise VmStateError(f"{state_path}: RAM blocks do not match the stream prefix")
+    ram: dict[str, Path] = {}
+    for name, length, file in blocks:
+        path = directory / file
+        if "/" in file or not path.is_file() or path.stat().st_size != length:
+            raise VmStateError(
+                f"{directory}: RAM image {file!r} for block {name!r} is missing or not {length} bytes"
+            )
+        ram[name] = path
+    cookie_off = len(xml.encode()) + 1 if cookie is not None else 0
+    header = SaveHeader(SAVE_VERSION, 0, was_running, 0, cookie_off, xml, cookie)
+    return SaveImageParts(header, parts, ram)
+
+
+def rebuild_save_image(
+    directory: Path, out: Path, *, xml: str | None = None, was_running: bool | None = None
+) -> Path:
+    """A canonical, verified save image from a stored split image (optionally with a new XML, e.g. a new
+    UUID and name for a new instance, or a different was_running)."""
+    p = load_parts(directory)
+    return write_save_image(
+        out,
+        p.header.xml if xml is None else xml,
+        p.parts.prefix,
+        p.ram,
+        p.parts.tail,
+        was_running=p.header.was_running if was_running is None else was_running,
+        cookie=p.header.cookie,
+    )

@@ -144,15 +144,8 @@ def test_libvirt_save_split_rebuild_replace_xml_restore(tmp_path: Path) -> None:
     flat = parts.ram["pc.ram"].read_bytes()
     assert flat[: HOLE[0]] == src_mem[: HOLE[0]] and flat[HOLE[1] :] == src_mem[HOLE[1] :]
 
-    rebuilt = sf.write_save_image(
-        tmp_path / "rebuilt.save",
-        h.xml,
-        parts.parts.prefix,
-        parts.ram,
-        parts.parts.tail,
-        was_running=True,
-        cookie=h.cookie,
-    )
+    sf.store_parts(parts, tmp_path / "ram")  # what a node keeps: flat RAM files + small parts
+    rebuilt = sf.rebuild_save_image(tmp_path / "ram", tmp_path / "rebuilt.save", was_running=True)
     new_xml = h.xml.replace(
         "<name>vmst</name>", "<name>vmst</name>\n  <description>via nephele</description>"
     )

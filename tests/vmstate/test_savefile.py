@@ -178,3 +178,34 @@ def test_implausible_data_len_is_reported_not_read(tmp_path: Path) -> None:
     img.write_bytes(bytes(raw))
     with pytest.raises(VmStateError, match="truncated: the XML area ends at byte 2147483739"):
         sf.read_save_header(img)
+
+
+def test_store_load_rebuild_a_split_image(tmp_path: Path) -> None:
+    data, final = b.complete_stream()
+    img = tmp_path / "in.save"
+    img.write_bytes(image_bytes(data))
+    store = tmp_path / "store"
+    parts = sf.split_save_image(img, store)
+    sf.store_parts(parts, store)
+    loaded = sf.load_parts(store)
+    assert (loaded.header.xml, loaded.header.cookie, loaded.header.was_running) == (XML, COOKIE, True)
+    assert loaded.parts.prefix == parts.parts.prefix and loaded.parts.tail == parts.parts.tail
+    assert loaded.ram == parts.ram
+    new_xml = XML.replace("tiny", "tiny-copy")
+    out = sf.rebuild_save_image(store, tmp_path / "copy.save", xml=new_xml, was_running=False)
+    h = sf.read_save_header(out)
+    assert (h.xml, h.cookie, h.was_running) == (new_xml, COOKIE, False)
+    again = sf.split_save_image(out, tmp_path / "again")
+    for name, content in final.items():
+        assert again.ram[name].read_bytes() == content
+    # what a broken store looks like
+    parts.ram["pc.bios"].write_bytes(b"short")
+    with pytest.raises(
+        VmStateError, match=r"RAM image 'pc\.bios' for block 'pc\.bios' is missing or not 16384"
+    ):
+        sf.load_parts(store)
+    (store / sf.STATE_FILE).unlink()
+    with pytest.raises(VmStateError, match="not a complete split save image"):
+        sf.load_parts(store)
+    with pytest.raises(VmStateError, match="is not in"):
+        sf.store_parts(parts, tmp_path)
