@@ -19,6 +19,7 @@ message to print; the CLI maps the tree to exit codes and never shows a tracebac
     │   └── VerificationFailed   the rebuilt bytes do not match the sender's hashes
     ├── VmStateError             a QEMU migration stream or libvirt save image cannot be parsed
     ├── HandoffError             a handoff failed; the VM is still on the source (.detail says why)
+    ├── LockHeld                 another apply holds the manifest's lock (message names the holder)
     └── CloudletError            the local test cloudlet cannot be set up or torn down
 
 Retry policy is a property, not a class: `temporary` is True for errors worth retrying with backoff
@@ -136,3 +137,7 @@ class HandoffError(NepheleError):
 
 class CloudletError(NepheleError):
     pass
+
+
+class LockHeld(NepheleError):
+    """Another apply (or a crashed one) holds the lock; the message names it and how to break it."""
