@@ -10,6 +10,20 @@ in batches with lz4 (default) or zstd. See wire.py and docs/wire-format.md for t
     encode_files(refs, targets, out)        one stream (also the single-file export format)
     decode_files(inp, refs, outputs)        rebuild, verify, then publish each output file
     Encoder / Decoder                       the incremental forms used by the live handoff
+
+Live handoff (pages arrive over several pre-copy iterations; a later version of a block wins)::
+
+    enc = Encoder({"base-mem": m0, "base-disk": d0}, sock_writer, "zstd")
+    enc.begin_target("memory", "memory", size=ram_bytes, base="base-mem")
+    enc.put_blocks("memory", page_numbers, pages)        # int64[n], uint8[n, 4096]; call as often as needed
+    enc.finish()                                         # or finish({"memory": image_digest(...)})
+
+    dec = Decoder({"base-mem": m0, "base-disk": d0}, {"memory": Sink(on_blocks=reemit)})
+    dec.feed(chunk) ...                                  # each frame is applied as soon as it is complete
+    dec.close()                                          # raises unless the END frame verified
+
+A callback sink gets (block_numbers, data) for every block put, in stream order, including blocks the
+receiver already had (KEEP), so a proxy can re-emit every page QEMU sent. One thread per Encoder/Decoder.
 """
 
 from nephele.delta.decoder import Decoder, Sink, decode_files

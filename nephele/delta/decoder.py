@@ -34,7 +34,7 @@ from nephele.delta.stats import StreamStats
 from nephele.errors import DeltaError, NepheleError, StreamCorrupt, StreamTruncated, VerificationFailed
 
 WINDOW_BLOCKS = 8192
-HOLE_MIN_BLOCKS = 8  # zero runs of at least 32 KiB stay holes in the rebuilt file
+HOLE_MIN_BLOCKS = 1  # zero blocks stay holes in the rebuilt file (less to write and fsync)
 
 
 def _verification(msg: str, *, offset: int) -> VerificationFailed:

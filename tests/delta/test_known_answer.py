@@ -187,3 +187,31 @@ def test_final_hashes_from_the_caller_are_checked(tmp_path: Path, rng: np.random
             with pytest.raises(DeltaError, match="digest"):
                 dec.feed(buf.getvalue())
             assert not out.exists()
+
+
+def test_frames_decode_as_they_arrive(tmp_path: Path, rng: np.random.Generator) -> None:
+    """A callback sees a batch as soon as its frame is complete, long before the END frame."""
+    m0 = rand_blocks(rng, 64)
+    refs = {"m0": write(tmp_path / "m0", m0)}
+    buf = io.BytesIO()
+    enc = Encoder(refs, buf, batch_blocks=4)
+    enc.begin_target("memory", "memory", m0.nbytes, "m0")
+    first = rand_blocks(rng, 8)
+    enc.put_blocks("memory", np.arange(8, 16), first.tobytes())  # bytes work as well as arrays
+    enc.put_blocks("memory", np.arange(30, 40), rand_blocks(rng, 10))
+    enc.finish()
+    stream = buf.getvalue()
+    fl = frames(stream)
+    first_blocks_end = next(int(f["end"]) for f in fl if f["type"] == 3)  # type: ignore[call-overload]
+    got: list[np.ndarray] = []
+    dec = Decoder(refs, {"memory": lambda b, d: got.append(d[np.argsort(b)].copy())})
+    dec.feed(stream[: first_blocks_end - 1])
+    assert got == []
+    dec.feed(stream[first_blocks_end - 1 : first_blocks_end])
+    assert len(got) == 1 and np.array_equal(got[0], first[:4])
+    dec.feed(stream[first_blocks_end:])
+    dec.close()
+    enc2 = Encoder(refs, io.BytesIO())
+    enc2.begin_target("m", "memory", 4096)
+    with pytest.raises(DeltaError, match="whole number"):
+        enc2.put_blocks(0, np.arange(1), b"x")
