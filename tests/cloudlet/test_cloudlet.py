@@ -404,3 +404,14 @@ def test_down_keep_leaves_only_the_state_directory(cloudlet_factory: Callable[..
     assert _traces(c) == [str(c.dir)]  # no namespace, mount or bridge left; the files stay for reading
     assert (c.nodes[0].host_root / "kept").read_text() == "x" and log.exists()
     shutil.rmtree(c.dir)
+
+
+def test_up_refuses_a_subnet_in_use_and_makes_nothing(
+    cloudlet: Cloudlet, cloudlet_factory: Callable[..., Cloudlet]
+) -> None:
+    from conftest import cloudlet_workdir
+
+    with pytest.raises(Exception, match=rf"subnet {re.escape(cloudlet.subnet)} is already used by interface"):
+        cloudlet_factory(1, name="clash", subnet=cloudlet.subnet)
+    assert not (cloudlet_workdir() / "clash").exists()
+    assert not [ns for ns in _netns_list() if ns.startswith("nphl-clash-")]

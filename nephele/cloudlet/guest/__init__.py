@@ -66,10 +66,11 @@ def ensure_guest(cache_dir: Path | str | None = None) -> GuestFiles:
         return _files(final)
     try:
         cache.mkdir(parents=True, exist_ok=True)
+        lock = open(cache / ".lock", "w")  # noqa: SIM115 - held for the whole build below
     except OSError as exc:
-        raise CloudletError(f"guest cache {cache}: cannot create it: {exc}") from exc
-    with open(cache / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        raise CloudletError(f"guest cache {cache}: not writable: {exc}") from exc
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building the same recipe
         if done.exists():
             return _files(final)
         build_guest(final, debs=cache / "debs")
