@@ -249,6 +249,7 @@ class MigrationStreamParser:
         self._vmdesc_at: int | None = None  # offset in self._tail of a candidate VMDESCRIPTION
         self._vmdesc_scan = 0
         self._closed = False
+        self._error: VmStreamError | None = None
         # counters
         self.pages = 0
         self.zero_pages = 0
@@ -271,6 +272,8 @@ class MigrationStreamParser:
         return bytes(self._tail)
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Event]:
+        if self._error is not None:
+            raise self._error  # a refused stream stays refused
         if self._closed:
             raise VmStreamError("feed() after close()", offset=self._base)
         if not data:
@@ -279,7 +282,11 @@ class MigrationStreamParser:
         self.bytes_fed += len(chunk)
         buf = self._buf + chunk if self._buf else chunk
         out: list[Event] = []
-        pos = self._run(buf, out)
+        try:
+            pos = self._run(buf, out)
+        except VmStreamError as e:
+            self._error = e
+            raise
         self._buf = buf[pos:]
         self._base += pos
         return out
@@ -287,35 +294,41 @@ class MigrationStreamParser:
     def close(self) -> list[Event]:
         """Declare the end of input. Returns the final events (StreamEnd) or raises if the stream is
         truncated (VmStreamError with truncated=True and the offset where input ended)."""
+        if self._error is not None:
+            raise self._error
         if self._closed:
             return []
         self._closed = True
         end = self._base + len(self._buf)
         if self._state == _S_DONE:
             return []
-        if self._state == _S_TAIL:
-            if self._require_vmdesc:
-                raise VmStreamError(
-                    "input ended inside the device state (no complete QEMU_VM_EOF + VMDESCRIPTION)",
-                    offset=end,
-                    truncated=True,
-                )
+        if self._state == _S_TAIL and not self._require_vmdesc:
             self._state = _S_DONE
             self.end_offset = end
             return [StreamEnd(False, end)]
-        what = {
-            _S_HEADER: "the file header",
-            _S_TOP: "a section header",
-            _S_RAM: "a RAM record",
-            _S_FOOTER: "a section footer",
-        }[self._state]
-        if self._buf:
-            raise VmStreamError(
-                f"input ended inside {what} ({len(self._buf)} bytes of it present)",
-                offset=self._base,
+        if self._state == _S_TAIL:
+            err = VmStreamError(
+                "input ended inside the device state (no complete QEMU_VM_EOF + VMDESCRIPTION)",
+                offset=end,
                 truncated=True,
             )
-        raise VmStreamError(f"input ended where {what} was expected", offset=end, truncated=True)
+        else:
+            what = {
+                _S_HEADER: "the file header",
+                _S_TOP: "a section header",
+                _S_RAM: "a RAM record",
+                _S_FOOTER: "a section footer",
+            }[self._state]
+            if self._buf:
+                err = VmStreamError(
+                    f"input ended inside {what} ({len(self._buf)} bytes of it present)",
+                    offset=self._base,
+                    truncated=True,
+                )
+            else:
+                err = VmStreamError(f"input ended where {what} was expected", offset=end, truncated=True)
+        self._error = err
+        raise err
 
     # -- machinery --------------------------------------------------------------------------------------
 

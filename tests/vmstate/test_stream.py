@@ -268,3 +268,20 @@ def test_random_garbage_never_escapes_as_another_exception() -> None:
         except s.VmStreamError:
             continue
         assert s.events_to_bytes(events) == bytes(mutated)
+
+
+def test_a_refused_stream_stays_refused() -> None:
+    data = b.full_stream()
+    p = s.MigrationStreamParser()
+    p.feed(data[:100])
+    with pytest.raises(s.VmStreamError) as first:
+        p.close()
+    with pytest.raises(s.VmStreamError) as again:
+        p.close()
+    assert again.value is first.value
+    p = s.MigrationStreamParser()
+    with pytest.raises(s.VmStreamError, match="unknown section type") as bad:
+        p.feed(s.FILE_HEADER + b"\x42" + bytes(10))
+    with pytest.raises(s.VmStreamError) as later:
+        p.feed(b"\x00")
+    assert later.value is bad.value
