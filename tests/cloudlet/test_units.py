@@ -213,3 +213,13 @@ def test_delay_proxy_cli_rejects_bad_address(capsys: pytest.CaptureFixture[str])
     with pytest.raises(SystemExit):
         proxy_main(["nohost", "127.0.0.1:1"])
     assert "is not HOST:PORT" in capsys.readouterr().err
+
+
+def test_fixture_prerequisites_fail_loudly_never_skip(monkeypatch: pytest.MonkeyPatch) -> None:
+    from conftest import require
+
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    with pytest.raises(pytest.fail.Exception, match=r"must run as root.*'no-such-tool-x' not found"):
+        require(tools=("no-such-tool-x",))
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    require(tools=("sh",))  # all present: no failure
