@@ -123,6 +123,8 @@ def test_paused_migration_to_file(tmp_path: Path) -> None:
     kinds = [e.kind for e in events if isinstance(e, s.SectionStart)]
     assert kinds[0] == s.SEC_START and kinds[-1] == s.SEC_END
     rebuilt, res = rebuild(tmp_path, f)
+    if kinds == [s.SEC_START, s.SEC_PART, s.SEC_END]:  # one pass (QEMU may split it under heavy load)
+        assert rebuilt.read_bytes() == data  # the canonical form is QEMU's own for a one-pass save
     check_ram_image(res.ram["pc.ram"], src_mem)
     assert res.parts.config.machine == "pc-i440fx-7.2"
     assert {"pc.ram", "pc.bios", "pc.rom"} <= set(res.parts.blocks)
