@@ -85,6 +85,7 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, default=None)
     ap.add_argument("--codec", default="lz4")
     ap.add_argument("--level", type=int, default=None)
+    ap.add_argument("--batch", type=int, default=None, help="values per frame (default: the engine's)")
     args = ap.parse_args()
     tmp = Path(args.dir or tempfile.mkdtemp(prefix="nephele-bench-"))
     tmp.mkdir(parents=True, exist_ok=True)
@@ -108,10 +109,13 @@ def main() -> None:
     )
     total_new = d1.nbytes + m1.nbytes
 
-    # kernels on arrays already in RAM
+    # kernels on arrays already in RAM, next to the machine's memory read speed
     words = d1.view(np.uint64).reshape(-1, 512)
+    t = time.perf_counter()
+    np.bitwise_or.reduce(words.reshape(-1))
+    print("memory read (numpy OR-reduce)  ", gbps(d1.nbytes, time.perf_counter() - t))
     out = np.empty((words.shape[0], 2), np.uint64)
-    K.hash_blocks(words[:4], out[:4])
+    K.hash_blocks(words, out)
     t = time.perf_counter()
     K.hash_blocks(words, out)
     print("hash nph128 (all blocks)       ", gbps(d1.nbytes, time.perf_counter() - t))
@@ -119,26 +123,28 @@ def main() -> None:
     rs = RefSet.open({"d0": paths["d0"], "m0": paths["m0"]}, cache=False)
     for new, base, bi in ((d1, d0, 0), (m1, m0, 1)):
         n = new.shape[0]
-        cur = np.empty((n, 2), np.uint64)
-        cur[:] = rs.indexes[bi].hashes
-        stamp = np.zeros(n, np.int64)
-        sk = np.zeros(1 << (2 * n).bit_length(), np.uint64)
-        sv = np.zeros_like(sk, dtype=np.int64)
-        cls = np.empty(n, np.uint8)
-        arg = np.empty(n, np.int64)
-        tst = np.array([0, n], np.int64)
-        t = time.perf_counter()
-        K.classify(
-            new.view(np.uint64).reshape(n, 512), base.view(np.uint64).reshape(n, 512), np.ones(n, np.bool_),
-            rs.indexes[bi].hashes, np.arange(n, dtype=np.int64), cur, stamp, 1,
-            rs.keys, rs.vals, rs.h2s, sk, sv, tst, cls, arg,
-        )  # fmt: skip
-        dt = time.perf_counter() - t
+        best = float("inf")
+        for _ in range(3):  # best of 3, fresh state each time (the first run also pays page faults)
+            cur = np.empty((n, 2), np.uint64)
+            cur[:] = rs.indexes[bi].hashes
+            stamp = np.zeros(n, np.int64)
+            sk = np.zeros(1 << (2 * n).bit_length(), np.uint64)
+            sv = np.zeros_like(sk, dtype=np.int64)
+            cls = np.empty(n, np.uint8)
+            arg = np.empty(n, np.int64)
+            tst = np.array([0, n], np.int64)
+            t = time.perf_counter()
+            K.classify(
+                new.view(np.uint64).reshape(n, 512), base.view(np.uint64).reshape(n, 512),
+                np.ones(n, np.bool_), rs.indexes[bi].hashes, np.arange(n, dtype=np.int64), cur, stamp, 1,
+                rs.keys, rs.vals, rs.h2s, sk, sv, tst, cls, arg,
+            )  # fmt: skip
+            best = min(best, time.perf_counter() - t)
         counts = np.bincount(cls, minlength=7)
         print(
-            f"classify kernel ({'disk' if bi == 0 else 'memory'})       ",
-            gbps(new.nbytes, dt),
-            counts.tolist(),
+            f"classify kernel ({'disk' if bi == 0 else 'memory'}), best of 3",
+            gbps(new.nbytes, best),
+            dict(zip(("base", "zero", "raw", "xor", "ref", "stream", "keep"), counts.tolist(), strict=True)),
         )
     rs.close()
     del words, out
@@ -153,13 +159,32 @@ def main() -> None:
     BlockIndex.load_or_build(paths["m0"])
     print(f"index load (cached .nxi)        {time.perf_counter() - t:.3f} s")
 
+    # What the engine's I/O costs at least: read the new images and their bases (page cache), and copy the
+    # new images to fresh files with fsync (what a decoder must write).
+    buf = bytearray(16 << 20)
+    t = time.perf_counter()
+    for name in ("d1", "m1", "d0", "m0"):
+        with open(paths[name], "rb", buffering=0) as f:
+            while f.readinto(buf):
+                pass
+    print("read d1+m1+d0+m0 (page cache)  ", gbps(2 * total_new, time.perf_counter() - t))
+    t = time.perf_counter()
+    for name in ("d1", "m1"):
+        with open(paths[name], "rb", buffering=0) as f, open(tmp / f"copy-{name}", "wb", buffering=0) as g:
+            while k := f.readinto(buf):
+                g.write(memoryview(buf)[:k])
+            os.fsync(g.fileno())
+    print("copy d1+m1 + fsync (cp-like)   ", gbps(total_new, time.perf_counter() - t))
+    for name in ("d1", "m1"):
+        (tmp / f"copy-{name}").unlink()
+
     refs = {"d0": paths["d0"], "m0": paths["m0"]}
     targets = [Target("disk", "disk", paths["d1"], "d0"), Target("memory", "memory", paths["m1"], "m0")]
     stream = tmp / "stream.nphd"
     for rep in range(2):
         with open(stream, "wb") as f:
             t = time.perf_counter()
-            st = encode_files(refs, targets, f, codec=args.codec, level=args.level)
+            st = encode_files(refs, targets, f, codec=args.codec, level=args.level, batch_blocks=args.batch)
             f.flush()
             enc_s = time.perf_counter() - t
         outs = {"disk": tmp / "out-d1.img", "memory": tmp / "out-m1.img"}
