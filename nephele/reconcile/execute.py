@@ -1,0 +1,628 @@
+"""Executing a plan: walk the action graph on the nodes (Terraform's parallel DAG walk, with limits).
+
+    apply(plan, desired, transports, options) -> ApplyResult
+
+* Order: an action starts only when every action it depends on succeeded; when one fails for good,
+  everything that depends on it (transitively) is skipped and reported, independent actions go on.
+* Limits: at most `parallelism` actions at once, at most `per_node` touching one node, at most
+  `plan.max_parallel_handoffs` handoffs cloudlet-wide and `policy.maxHandoffsPerNode` per node (as
+  source or target); a handoff of wave N starts after every handoff of earlier waves ended.
+* Retries: a temporary error (NodeUnreachable, RemoteError with temporary=True) is retried with capped
+  exponential backoff (1 s, 2 s, 4 s ... at most 30 s, `retries` times); any other error stops the
+  action at once (kopf's TemporaryError / PermanentError).
+* Idempotence: right before it runs, each action observes its nodes again. If its effect is already
+  there (the instance already runs, the image is already imported) it is a no-op; if one of its
+  preconditions no longer holds, it fails without touching anything. So a killed apply, run again,
+  neither duplicates nor loses a VM.
+* Record: each success is written to the inventory (crash-safe) and every step to the journal.
+
+The node ops used (docs/apply.md has the table) go through `Agent.call`; a handoff goes through
+`handoff_fn`, by default the `instance.handoff` op on the source node.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import enum
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nephele.agent import Agent, AgentTransport
+from nephele.errors import NepheleError, PlanError
+from nephele.model import Desired, InstanceState, NodeObservation, Observed, PortMap
+from nephele.reconcile.actions import BUCKET, BUCKETS, Action, ActionKind, Plan
+from nephele.reconcile.inventory import InventoryStore
+from nephele.reconcile.journal import Journal
+from nephele.reconcile.observe import parse_node
+from nephele.reconcile.planfile import stale_preconditions
+from nephele.reconcile.render import headline
+
+RESULT_FORMAT_VERSION = "1"
+NOOP = "noop"  # what _Runner.run returns when the action's effect was already there
+Transports = Callable[[str], AgentTransport]
+EventFn = Callable[[str], None]
+
+
+class Status(enum.StrEnum):
+    DONE = "done"
+    NOOP = "noop"  # its effect was already there
+    FAILED = "failed"
+    SKIPPED = "skipped"  # a dependency failed
+    NOT_RUN = "not_run"  # interrupted before it started
+
+
+OK = (Status.DONE, Status.NOOP)
+PAST = {
+    "start": "started",
+    "change": "changed",
+    "handoff": "handed off",
+    "stop": "stopped",
+    "prune": "pruned",
+    "import": "imported",
+}
+
+
+@dataclass(frozen=True)
+class ApplyOptions:
+    parallelism: int = 4
+    per_node: int = 2  # actions touching one node at once
+    retries: int = 4  # extra attempts after a temporary error
+    backoff_initial: float = 1.0
+    backoff_max: float = 30.0
+    call_timeout: float | None = None  # per agent call; None: the transport's own
+    observe_timeout: float = 30.0
+
+
+@dataclass
+class ActionResult:
+    action: Action
+    status: Status = Status.NOT_RUN
+    attempts: int = 0
+    seconds: float = 0.0
+    error: str | None = None
+    detail: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.action.id,
+            "kind": self.action.kind.value,
+            "address": self.action.address,
+            "node": self.action.node,
+            "source_node": self.action.source_node,
+            "status": self.status.value,
+            "attempts": self.attempts,
+            "seconds": round(self.seconds, 3),
+            "error": self.error,
+            "detail": self.detail,
+        }
+
+
+@dataclass
+class ApplyResult:
+    plan: Plan
+    results: list[ActionResult] = field(default_factory=list)
+    interrupted: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return not self.interrupted and all(r.status in OK for r in self.results)
+
+    def by_status(self, status: Status) -> list[ActionResult]:
+        return [r for r in self.results if r.status is status]
+
+    def done_counts(self) -> dict[str, int]:
+        out = dict.fromkeys(BUCKETS, 0)
+        for r in self.results:
+            if r.status is Status.DONE:
+                out[BUCKET[r.action.kind]] += 1
+        return out
+
+    def summary_line(self) -> str:
+        c = self.done_counts()
+        done = ", ".join(f"{c[b]} {PAST[b]}" for b in ("start", "change", "handoff", "stop", "prune"))
+        if c["import"]:
+            done += f", {c['import']} {PAST['import']}"
+        noop = len(self.by_status(Status.NOOP))
+        if noop:
+            done += f", {noop} already done"
+        if self.ok:
+            return f"Apply complete: {done}."
+        failed = self.by_status(Status.FAILED)
+        parts = []
+        if failed:
+            parts.append(f"{len(failed)} failed ({', '.join(r.action.id for r in failed)})")
+        skipped = len(self.by_status(Status.SKIPPED))
+        if skipped:
+            parts.append(f"{skipped} skipped")
+        not_run = len(self.by_status(Status.NOT_RUN))
+        if not_run:
+            parts.append(f"{not_run} not run (interrupted)")
+        return f"Apply failed: {'; '.join(parts)}; done: {done}."
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": RESULT_FORMAT_VERSION,
+            "manifest": self.plan.manifest,
+            "ok": self.ok,
+            "interrupted": self.interrupted,
+            "summary": {
+                **self.done_counts(),
+                **{s.value: len(self.by_status(s)) for s in Status},
+            },
+            "message": self.summary_line(),
+            "actions": [r.to_dict() for r in self.results],
+        }
+
+
+class ActionFailed(NepheleError):
+    """An action cannot be done as planned (not retried)."""
+
+
+@dataclass(frozen=True)
+class HandoffRequest:
+    """What a handoff needs; `handoff_fn` performs it and returns a short description of the outcome."""
+
+    instance: str
+    uuid: str
+    source: AgentTransport
+    dest: AgentTransport
+    source_node: str
+    dest_node: str
+    dest_address: str
+    dest_port: int
+    mode: str
+    ports: tuple[PortMap, ...]
+    manifest: str
+    progress: Callable[[str], None]
+    timeout: float | None
+
+
+HandoffFn = Callable[[HandoffRequest], str]
+
+
+def agent_handoff(req: HandoffRequest) -> str:
+    """The default handoff: ask the source node's agent to hand the instance off to the destination."""
+    result = Agent(req.source).call(
+        "instance.handoff",
+        {
+            "instance": req.uuid or req.instance,
+            "dest": req.dest_address,
+            "dest_node": req.dest_node,
+            "port": req.dest_port,
+            "mode": req.mode,
+            "manifest": req.manifest,
+        },
+        timeout=req.timeout,
+        progress=req.progress,
+    )
+    return str(result.get("summary", "")) if isinstance(result, dict) else ""
+
+
+# ------------------------------------------------------------------------------------------ runner
+
+
+class _Runner:
+    """Performs single actions through the agents (one instance per apply; thread-safe)."""
+
+    def __init__(
+        self,
+        desired: Desired,
+        transports: Transports,
+        options: ApplyOptions,
+        handoff_fn: HandoffFn,
+        base_dir: Path,
+        say: EventFn,
+    ) -> None:
+        self.d = desired
+        self.transports = transports
+        self.opts = options
+        self.handoff_fn = handoff_fn
+        self.base_dir = base_dir
+        self.say = say
+
+    def call(self, node: str, op: str, args: Mapping[str, Any], progress: EventFn | None = None) -> Any:
+        return Agent(self.transports(node)).call(op, args, timeout=self.opts.call_timeout, progress=progress)
+
+    def observe_nodes(self, a: Action) -> Observed:
+        nodes = {a.node, *([a.source_node] if a.source_node else []), *(p.node for p in a.preconditions)}
+        out: dict[str, NodeObservation] = {}
+        for n in sorted(nodes):
+            raw = Agent(self.transports(n)).call("observe", {}, timeout=self.opts.observe_timeout)
+            try:
+                out[n] = parse_node(n, raw)
+            except ValueError as exc:
+                raise ActionFailed(f"node {n}: {exc}") from exc
+        return Observed(nodes=out)
+
+    # ------------------------------------------------------------------------ effect already there
+
+    def already_done(self, a: Action, o: Observed) -> bool:
+        node = o.nodes[a.node]
+        inst = node.instances.get(a.name)
+        match a.kind:
+            case ActionKind.IMPORT_IMAGE:
+                return a.name in node.images
+            case ActionKind.DISTRIBUTE_SNAPSHOT:
+                return a.name in node.snapshots
+            case ActionKind.REMOVE_IMAGE:
+                return a.name not in node.images
+            case ActionKind.REMOVE_SNAPSHOT:
+                return a.name not in node.snapshots
+            case ActionKind.START_INSTANCE:
+                return inst is not None and inst.state is (a.state or InstanceState.RUNNING)
+            case ActionKind.STOP_INSTANCE:
+                return inst is not None and inst.state is InstanceState.STOPPED
+            case ActionKind.PAUSE_INSTANCE:
+                return inst is not None and inst.state is InstanceState.PAUSED
+            case ActionKind.RESUME_INSTANCE:
+                return inst is not None and inst.state is InstanceState.RUNNING
+            case ActionKind.CHANGE_PORTS:
+                return inst is not None and set(inst.ports) == set(a.ports)
+            case ActionKind.HANDOFF:
+                src = o.nodes[a.source_node].instances.get(a.name) if a.source_node else None
+                return inst is not None and src is None and not inst.handoff_url
+            case ActionKind.PRUNE:
+                uuid_ = next((p.uuid for p in a.preconditions if p.uuid), "")
+                return inst is None or bool(uuid_ and inst.uuid != uuid_)
+        return False
+
+    # ---------------------------------------------------------------------------------------- run
+
+    def run(self, a: Action, progress: EventFn) -> str:
+        """Run one attempt of `a`. Returns "noop" when its effect was already there, else a detail."""
+        o = self.observe_nodes(a)
+        if self.already_done(a, o):
+            return NOOP
+        stale = stale_preconditions(Plan(manifest=self.d.name, actions=(a,)), o)
+        if stale:
+            raise ActionFailed(
+                "the nodes changed since the plan was made: "
+                + "; ".join(s.split(": ", 1)[1] for s in stale)
+                + " (run nephele apply again to re-plan)"
+            )
+        inst = o.nodes[a.node].instances.get(a.name)
+        ref = inst.uuid if inst else a.name
+        match a.kind:
+            case ActionKind.IMPORT_IMAGE:
+                return self.copy_in("image", a, progress)
+            case ActionKind.DISTRIBUTE_SNAPSHOT:
+                return self.copy_in("snapshot", a, progress)
+            case ActionKind.REMOVE_IMAGE:
+                cid = o.nodes[a.node].images[a.name].content_id
+                self.call(a.node, "image.rm", {"id": cid or a.name})
+                return "removed"
+            case ActionKind.REMOVE_SNAPSHOT:
+                cid = o.nodes[a.node].snapshots[a.name].content_id
+                self.call(a.node, "snapshot.rm", {"id": cid or a.name})
+                return "removed"
+            case ActionKind.START_INSTANCE:
+                return self.start(a, inst.uuid if inst else None, progress)
+            case ActionKind.STOP_INSTANCE:
+                self.call(a.node, "instance.stop", {"instance": ref})
+                return "stopped"
+            case ActionKind.PAUSE_INSTANCE:
+                self.call(a.node, "instance.pause", {"instance": ref})
+                return "paused"
+            case ActionKind.RESUME_INSTANCE:
+                self.call(a.node, "instance.resume", {"instance": ref})
+                return "resumed"
+            case ActionKind.CHANGE_PORTS:
+                self.call(a.node, "instance.set_ports", {"instance": ref, "ports": [str(p) for p in a.ports]})
+                return "ports " + (", ".join(str(p) for p in a.ports) or "none")
+            case ActionKind.PRUNE:
+                self.call(a.node, "instance.rm", {"instance": ref})
+                return "removed"
+            case ActionKind.HANDOFF:
+                return self.handoff(a, o, progress)
+        raise ActionFailed(f"unknown action kind {a.kind}")  # pragma: no cover
+
+    def start(self, a: Action, stopped_uuid: str | None, progress: EventFn) -> str:
+        want = a.state or InstanceState.RUNNING
+        if stopped_uuid:
+            rec = self.call(a.node, "instance.start", {"instance": stopped_uuid}, progress)
+        else:
+            spec = self.d.instances.get(a.name)
+            if spec is None:
+                raise ActionFailed(f"instance {a.name} is not in the manifest")
+            rec = self.call(
+                a.node,
+                "instance.run",
+                {
+                    "title": a.name,
+                    "snapshot": spec.snapshot,
+                    "ports": [str(p) for p in a.ports],
+                    "manifest": self.d.name,
+                    "prune": spec.prune,
+                },
+                progress,
+            )
+        uuid_ = rec.get("uuid") if isinstance(rec, dict) else None
+        if want is InstanceState.PAUSED:
+            self.call(a.node, "instance.pause", {"instance": uuid_ or a.name})
+        return f"uuid {uuid_}" if uuid_ else "started"
+
+    def copy_in(self, kind: str, a: Action, progress: EventFn) -> str:
+        """Bring an image or snapshot to a.node: exported from a.source_node, or from the manifest's
+        source file, copied through the controller, imported (content id checked by the node)."""
+        spec = self.d.nodes[a.node]
+        tag = uuid.uuid4().hex[:8]
+        remote = f"{spec.root}/tmp/nephele-{kind}-{a.name}-{tag}.zip"
+        dest = self.transports(a.node)
+        if a.source_node:
+            src_spec = self.d.nodes[a.source_node]
+            src_remote = f"{src_spec.root}/tmp/nephele-{kind}-{a.name}-{tag}.zip"
+            self.call(a.source_node, f"{kind}.export", {"id": a.name, "dest": src_remote}, progress)
+            with tempfile.TemporaryDirectory(prefix="nephele-copy-") as tmp:
+                local = Path(tmp) / f"{a.name}.zip"
+                progress(f"copying from {a.source_node} through the controller")
+                self.transports(a.source_node).get_file(src_remote, local)
+                dest.put_file(local, remote)
+            origin = f"from {a.source_node}"
+        else:
+            if not a.source:
+                raise ActionFailed(f"{a.address} has no source file and no node to copy it from")
+            local = Path(a.source)
+            if not local.is_absolute():
+                local = self.base_dir / local
+            if not local.is_file():
+                raise ActionFailed(f"{a.address}: source file {local} does not exist")
+            progress(f"uploading {local.name}")
+            dest.put_file(local, remote)
+            origin = f"from {a.source}"
+        self.call(a.node, f"{kind}.import", {"path": remote, "name": a.name}, progress)
+        return origin
+
+    def handoff(self, a: Action, o: Observed, progress: EventFn) -> str:
+        if not a.source_node:
+            raise ActionFailed(f"{a.id} has no source node")
+        inst = o.nodes[a.source_node].instances.get(a.name)
+        spec = self.d.nodes[a.node]
+        return self.handoff_fn(
+            HandoffRequest(
+                instance=a.name,
+                uuid=inst.uuid if inst else "",
+                source=self.transports(a.source_node),
+                dest=self.transports(a.node),
+                source_node=a.source_node,
+                dest_node=a.node,
+                dest_address=spec.address,
+                dest_port=spec.handoff_port,
+                mode=a.mode or "live",
+                ports=a.ports,
+                manifest=self.d.name,
+                progress=progress,
+                timeout=self.opts.call_timeout,
+            )
+        )
+
+
+# ---------------------------------------------------------------------------------------- executor
+
+
+def short_name(a: Action) -> str:
+    return a.name if a.address.startswith("instance/") else a.address
+
+
+class _Executor:
+    def __init__(
+        self,
+        plan: Plan,
+        runner: _Runner,
+        options: ApplyOptions,
+        *,
+        max_handoffs_per_node: int,
+        journal: Journal | None,
+        inventory: InventoryStore | None,
+        say: EventFn,
+        sleep: Callable[[float], None],
+        clock: Callable[[], float],
+    ) -> None:
+        self.plan = plan
+        self.runner = runner
+        self.opts = options
+        self.max_handoffs_per_node = max(1, max_handoffs_per_node)
+        self.journal = journal
+        self.inventory = inventory
+        self.say = say
+        self.sleep = sleep
+        self.clock = clock
+        self.results = {a.id: ActionResult(a) for a in plan.actions}
+        self.ids = set(self.results)
+        self.running: dict[str, Action] = {}
+
+    def event(self, name: str, **fields: Any) -> None:
+        if self.journal is not None:
+            self.journal.event(name, **fields)
+
+    # ------------------------------------------------------------------------------------- limits
+
+    @staticmethod
+    def nodes_of(a: Action) -> set[str]:
+        return {a.node, *([a.source_node] if a.source_node else [])}
+
+    def can_start(self, a: Action) -> bool:
+        if len(self.running) >= max(1, self.opts.parallelism):
+            return False
+        for n in self.nodes_of(a):
+            if sum(1 for r in self.running.values() if n in self.nodes_of(r)) >= max(1, self.opts.per_node):
+                return False
+        if a.kind is ActionKind.HANDOFF:
+            handoffs = [r for r in self.running.values() if r.kind is ActionKind.HANDOFF]
+            if len(handoffs) >= max(1, self.plan.max_parallel_handoffs):
+                return False
+            for n in self.nodes_of(a):
+                if sum(1 for r in handoffs if n in self.nodes_of(r)) >= self.max_handoffs_per_node:
+                    return False
+            earlier = [
+                r
+                for r in self.results.values()
+                if r.action.kind is ActionKind.HANDOFF and (r.action.wave or 0) < (a.wave or 0)
+            ]
+            if any(r.action.id in self.running or r.status is Status.NOT_RUN for r in earlier):
+                return False
+        return True
+
+    # ---------------------------------------------------------------------------------------- walk
+
+    def run(self) -> ApplyResult:
+        pending = list(self.plan.actions)
+        result = ApplyResult(self.plan)
+        pool = cf.ThreadPoolExecutor(max_workers=max(1, self.opts.parallelism), thread_name_prefix="apply")
+        futures: dict[cf.Future[None], str] = {}
+        try:
+            while pending or futures:
+                self.skip_blocked(pending)
+                for a in list(pending):
+                    deps = [d for d in a.depends_on if d in self.ids]
+                    if all(self.results[d].status in OK for d in deps) and self.can_start(a):
+                        pending.remove(a)
+                        self.running[a.id] = a
+                        futures[pool.submit(self.attempt_all, a)] = a.id
+                if not futures:
+                    for a in pending:  # only possible with a dependency cycle: the plan reported it
+                        self.finish(a, Status.SKIPPED, error="its dependencies never completed")
+                    break
+                done, _ = cf.wait(futures, return_when=cf.FIRST_COMPLETED)
+                for f in done:
+                    aid = futures.pop(f)
+                    self.running.pop(aid, None)
+                    f.result()  # attempt_all records its own errors; this re-raises only bugs
+        except KeyboardInterrupt:
+            result.interrupted = True
+            self.say(f"Interrupted: waiting for {len(futures)} running action(s) to finish...")
+            pool.shutdown(wait=True, cancel_futures=True)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+        result.results = [self.results[a.id] for a in self.plan.actions]
+        return result
+
+    def skip_blocked(self, pending: list[Action]) -> None:
+        changed = True
+        while changed:
+            changed = False
+            for a in list(pending):
+                bad = [
+                    d
+                    for d in a.depends_on
+                    if d in self.ids and self.results[d].status in (Status.FAILED, Status.SKIPPED)
+                ]
+                if bad:
+                    pending.remove(a)
+                    self.finish(
+                        a, Status.SKIPPED, error=f"skipped: it depends on {bad[0]}, which did not succeed"
+                    )
+                    changed = True
+
+    def finish(self, a: Action, status: Status, *, error: str | None = None, detail: str = "") -> None:
+        r = self.results[a.id]
+        r.status, r.error, r.detail = status, error, detail
+        self.event(status.value, action=a.id, attempts=r.attempts, error=error, detail=detail)
+        name = short_name(a)
+        what = headline(a)
+        if status is Status.SKIPPED:
+            self.say(f"{name}: {what} … {error}")
+
+    def backoff(self, attempt: int) -> float:
+        return float(min(self.opts.backoff_max, self.opts.backoff_initial * 2 ** (attempt - 1)))
+
+    def attempt_all(self, a: Action) -> None:
+        r = self.results[a.id]
+        name, what = short_name(a), headline(a)
+        t0 = self.clock()
+        self.say(f"{name}: {what} …")
+
+        def progress(line: str) -> None:
+            line = line.strip()
+            if line:
+                self.say(f"{name}: {what} … {line}")
+
+        while True:
+            r.attempts += 1
+            self.event("start", action=a.id, attempt=r.attempts)
+            try:
+                detail = self.runner.run(a, progress)
+            except NepheleError as exc:
+                temporary = exc.temporary and r.attempts <= self.opts.retries
+                if temporary:
+                    delay = self.backoff(r.attempts)
+                    self.event("retry", action=a.id, attempt=r.attempts, delay=delay, error=str(exc))
+                    self.say(
+                        f"{name}: {what} … temporary error, retrying in {delay:g} s "
+                        f"(attempt {r.attempts + 1} of {self.opts.retries + 1}): {exc}"
+                    )
+                    self.sleep(delay)
+                    continue
+                r.seconds = self.clock() - t0
+                why = str(exc)
+                if exc.temporary:
+                    why = f"gave up after {r.attempts} attempts: {why}"
+                self.finish(a, Status.FAILED, error=why)
+                self.say(f"{name}: {what} … FAILED: {why}")
+                return
+            except Exception as exc:  # a bug in one action must not hide the others
+                r.seconds = self.clock() - t0
+                why = f"internal error: {type(exc).__name__}: {exc}"
+                self.finish(a, Status.FAILED, error=why)
+                self.say(f"{name}: {what} … FAILED: {why}")
+                return
+            r.seconds = self.clock() - t0
+            status = Status.NOOP if detail == NOOP else Status.DONE
+            if self.inventory is not None:
+                self.inventory.record(a)
+            self.finish(a, status, detail="" if status is Status.NOOP else detail)
+            note = "already done, nothing to do" if status is Status.NOOP else f"done in {r.seconds:.1f} s"
+            if detail and status is Status.DONE and detail not in ("started",):
+                note += f" ({detail})"
+            self.say(f"{name}: {what} … {note}")
+            return
+
+
+def apply(
+    plan: Plan,
+    desired: Desired,
+    transports: Transports,
+    options: ApplyOptions | None = None,
+    *,
+    journal: Journal | None = None,
+    inventory: InventoryStore | None = None,
+    say: EventFn = print,
+    handoff_fn: HandoffFn = agent_handoff,
+    base_dir: Path | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> ApplyResult:
+    """Carry out `plan` on the nodes of `desired`. A plan with errors is refused (PlanError). Returns
+    what happened to every action; never raises for an action's failure (see ApplyResult.ok)."""
+    if plan.errors:
+        raise PlanError(
+            "the plan has errors and cannot be applied: " + "; ".join(e.message for e in plan.errors)
+        )
+    if plan.manifest != desired.name:
+        raise PlanError(f"the plan is for manifest {plan.manifest!r}, not {desired.name!r}")
+    opts = options or ApplyOptions()
+    lock = threading.Lock()
+
+    def locked_say(line: str) -> None:
+        with lock:
+            say(line)
+
+    base = base_dir or (Path(desired.source).resolve().parent if desired.source else Path.cwd())
+    runner = _Runner(desired, transports, opts, handoff_fn, base, locked_say)
+    ex = _Executor(
+        plan,
+        runner,
+        opts,
+        max_handoffs_per_node=desired.policy.max_handoffs_per_node,
+        journal=journal,
+        inventory=inventory,
+        say=locked_say,
+        sleep=sleep,
+        clock=clock,
+    )
+    return ex.run()
