@@ -21,10 +21,11 @@ from typing import Any
 from nephele.errors import Conflict, InvalidInput, NodeError, NotFound
 from nephele.model import PortMap
 from nephele.node import domain as dx
-from nephele.node import images, savefile
+from nephele.node import images
 from nephele.node.hypervisor import DomainInfo, qemu_pid
 from nephele.node.runtime import NodeContext
 from nephele.node.store import atomic_write_json
+from nephele.vmstate import replace_xml
 
 
 def _now() -> str:
@@ -185,7 +186,7 @@ def run(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
                 # libvirt will not restore a save image under another UUID: restore a copy whose
                 # header carries this instance's XML, then drop it (QEMU has read it all).
                 restore_file = inst_dir / "memory.restore"
-                savefile.copy_with_xml(image.memory, restore_file, xml)
+                replace_xml(image.memory, xml, out=restore_file)
                 try:
                     ctx.hv.restore(restore_file, None, running=True)
                 finally:

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import struct
 import xml.etree.ElementTree as ET
-from pathlib import Path
 
 import pytest
 
 from nephele.errors import InvalidInput
 from nephele.model import PortMap
 from nephele.node import domain as dx
-from nephele.node import savefile
 from nephele.node.instances import parse_ports
 
 Q = f"{{{dx.QEMU_NS}}}"
@@ -88,39 +85,6 @@ def test_tag_xml_round_trip() -> None:
         PortMap(1, 2),
         PortMap(3, 3),
     )
-
-
-def _fake_save(path: Path, xml: str, stream: bytes) -> None:
-    cookie = b"<cookie/>\n\0"
-    data = (xml.encode() + b"\0" + cookie).ljust(4096, b"\0")
-    hdr = struct.pack("=16s5I56s", b"LibvirtQemudSave", 2, len(data), 0, 0, len(xml) + 1, bytes(56))
-    path.write_bytes(hdr + data + stream)
-
-
-def test_savefile_rewrite_keeps_stream_and_cookie(tmp_path: Path) -> None:
-    src, dst = tmp_path / "a.save", tmp_path / "b.save"
-    stream = b"QEVM\0\0\0\3" + bytes(range(256)) * 100
-    _fake_save(src, "<domain><name>old</name></domain>", stream)
-    savefile.copy_with_xml(src, dst, "<domain><name>a-much-longer-new-name</name></domain>")
-    h = savefile.read_header(dst)
-    assert h.xml == "<domain><name>a-much-longer-new-name</name></domain>"
-    assert h.cookie == b"<cookie/>\n\0"
-    assert h.data_len == 4096
-    assert dst.read_bytes()[h.stream_offset :] == stream
-    big = "<domain>" + "x" * 5000 + "</domain>"
-    savefile.copy_with_xml(src, dst, big)
-    h = savefile.read_header(dst)
-    assert h.xml == big and dst.read_bytes()[h.stream_offset :] == stream
-
-
-def test_savefile_rejects_other_files(tmp_path: Path) -> None:
-    p = tmp_path / "x"
-    p.write_bytes(b"PK\3\4" + bytes(200))
-    with pytest.raises(InvalidInput, match="not a libvirt save image"):
-        savefile.read_header(p)
-    p.write_bytes(b"short")
-    with pytest.raises(InvalidInput, match="too short"):
-        savefile.read_header(p)
 
 
 def test_parse_ports() -> None:

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from nephele.errors import Conflict, InvalidInput, NodeError, NotFound
+from nephele.errors import Conflict, InvalidInput, NepheleError, NodeError, NotFound
 from nephele.node import domain as dx
 from nephele.node import images, instances
 from nephele.node.hypervisor import Hypervisor
@@ -232,7 +232,7 @@ def test_export_to_missing_dir_and_rm_with_dependent_snapshot(ctx: NodeContext, 
 def test_failed_run_leaves_no_instance_behind(ctx: NodeContext, tmp_path: Path, hv: Hypervisor) -> None:
     r = build(ctx, tmp_path)
     # The test driver's save image is a stub libvirt cannot hand to QEMU: run must fail cleanly.
-    with pytest.raises((InvalidInput, NodeError)):
+    with pytest.raises(NepheleError):
         instances.run(ctx, {"snapshot": r["id"], "title": "web", "ports": "18999:80"})
     assert instances.ps(ctx, {}) == [] or all(i["title"] != "web" for i in instances.ps(ctx, {}))
     assert list(ctx.store.instances.iterdir()) == []
