@@ -61,7 +61,6 @@ from nephele.vmstate.stream import (
 )
 
 _CHUNK_PAGES = 1024  # pages read per step when building from flat files (4 MiB)
-_ZERO_REC = np.dtype([("hdr", ">u8"), ("fill", "u1")])  # one 9-byte ZERO|CONTINUE record
 
 
 @dataclass
@@ -87,7 +86,7 @@ class StreamParts:
             raise VmStateError(
                 f"stream prefix ({len(prefix)} bytes) does not end after a complete ram START section"
             )
-        if any(isinstance(e, SectionStart) and e.kind != 1 for e in events):
+        if any(isinstance(e, SectionStart) and e.kind != SEC_START for e in events):
             raise VmStateError("stream prefix holds ram iterations; it must end after the START section")
         assert parser.config is not None
         cmds = tuple(e for e in events if isinstance(e, Command))
