@@ -1,7 +1,10 @@
-"""`nephele plan -f MANIFEST --observed STATE.json`: show what apply would change on the nodes, and why.
+"""`nephele plan -f MANIFEST`: show what apply would change on the nodes, and why.
 
-Reads the manifest and a recorded observation of the nodes (live observation comes later), diffs them
-and prints a Terraform-style plan (or, with -o json, the versioned plan JSON of docs/plan.md).
+Reads the manifest, observes every node live (in parallel, --timeout per node; a node that does not
+answer is shown as unreachable) or reads a recorded observation (--observed STATE.json), diffs them
+and prints a Terraform-style plan (or, with -o json, the versioned plan JSON of docs/plan.md). The
+inventory is the manifest's state directory's (see docs/apply.md) unless --inventory names one. Plan
+changes nothing, on the nodes or in the state directory.
 
 Exit codes: 0 success (with --detailed-exitcode: no changes), 1 error (bad input, or a plan with
 errors: port held by a foreign VM, transfer budget exceeded, ...), 2 changes (--detailed-exitcode only).
@@ -22,8 +25,12 @@ from nephele import manifest
 from nephele.errors import ManifestError, PlanError, Problem
 from nephele.model import Inventory, Observed
 from nephele.reconcile import planfile
+from nephele.reconcile.controller import Controller
+from nephele.reconcile.observe import DEFAULT_TIMEOUT, TransportFactory
 from nephele.reconcile.plan import PlanOptions, plan
 from nephele.reconcile.render import render_json, render_text
+
+TRANSPORT_FACTORY: TransportFactory | None = None  # seam for tests: how node transports are made
 
 
 def register(subparsers: Any) -> None:
@@ -37,7 +44,15 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--observed",
         metavar="STATE.json",
-        help="plan against this recorded observation of the nodes (format nephele.observed/v1)",
+        help="plan against this recorded observation of the nodes (format nephele.observed/v1) "
+        "instead of observing them live",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT,
+        metavar="SECONDS",
+        help=f"per-node timeout for live observation (default {DEFAULT_TIMEOUT:g})",
     )
     p.add_argument(
         "--inventory",
@@ -110,17 +125,21 @@ def run(args: argparse.Namespace) -> int:
         raise ManifestError([Problem(args.file, 1, 1, "", "the file is not UTF-8 text")]) from exc
     desired = manifest.loads(text, "<stdin>" if args.file == "-" else args.file)
     if args.observed is None:
-        raise PlanError(
-            "--observed STATE.json is required: nephele cannot observe live nodes yet "
-            "(give a recorded observation, e.g. examples/observed.json)"
-        )
-    observed = read_observed(args.observed)
-    inventory = read_inventory(args.inventory) if args.inventory else None
+        ctl = Controller.from_parts(args.file, raw, desired, factory=TRANSPORT_FACTORY, timeout=args.timeout)
+        try:
+            observed = ctl.observe(remember=False)
+        finally:
+            ctl.close()
+        stored = ctl.inventory.reconcile(observed, save=False) if not args.inventory else None
+    else:
+        observed = read_observed(args.observed)
+        stored = None
+    inventory = read_inventory(args.inventory) if args.inventory else stored
     options = PlanOptions(targets=tuple(args.target), ignore_transfer_budget=args.ignore_transfer_budget)
     result = plan(desired, observed, inventory, options)
     sha = planfile.manifest_hash(raw)
     result = replace(
-        result, meta={"manifest_path": args.file, "manifest_sha256": sha, "observed": args.observed}
+        result, meta={"manifest_path": args.file, "manifest_sha256": sha, "observed": args.observed or "live"}
     )
     print(render_json(result) if args.output == "json" else render_text(result), end="")
     if result.errors:

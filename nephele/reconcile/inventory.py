@@ -60,12 +60,15 @@ class InventoryStore:
     def _save(self, entries: set[InventoryEntry]) -> None:
         statedir.write_json(self.path, Inventory(self.manifest, frozenset(entries)).to_dict())
 
-    def reconcile(self, observed: Observed) -> Inventory | None:
+    def reconcile(self, observed: Observed, *, save: bool = True) -> Inventory | None:
         """Drop what reachable nodes no longer hold; adopt instances tagged with this manifest. None:
-        there is no inventory yet and nothing to adopt (the planner then knows it has no record)."""
+        there is no inventory yet and nothing to adopt (the planner then knows it has no record).
+        `save=False` (plan, dry runs): the same answer, nothing written."""
         with self._lock:
             existed = self._read() is not None
             entries = self._entries_for_update()
+            if not save:
+                entries = set(entries)  # answer without changing what a later record() saves
             before = set(entries)
             for e in list(entries):
                 obs = observed.nodes.get(e.node)
@@ -79,10 +82,11 @@ class InventoryStore:
                     for inst in obs.instances.values():
                         if inst.manifest == self.manifest:
                             entries.add(InventoryEntry("instance", inst.name, node))
+            if not existed and (not save or not entries):
+                self._entries = None  # still no file: load() keeps answering None
             if not existed and not entries:
-                self._entries = None
                 return None
-            if entries != before or not existed:
+            if save and (entries != before or not existed):
                 self._save(entries)
             return Inventory(self.manifest, frozenset(entries))
 

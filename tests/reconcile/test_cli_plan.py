@@ -63,12 +63,6 @@ def test_json_output_parses(files: dict[str, Path], capsys: Any) -> None:
     assert doc["meta"]["manifest_sha256"] == planfile.manifest_hash(files["manifest"].read_bytes())
 
 
-def test_observed_is_required_for_now(files: dict[str, Path], capsys: Any) -> None:
-    code, out, err = run(capsys, "plan", "-f", files["manifest"])
-    assert code == 1 and out == ""
-    assert "--observed STATE.json is required" in err
-
-
 @pytest.mark.parametrize(
     ("content", "message"),
     [
