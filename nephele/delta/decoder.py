@@ -252,9 +252,16 @@ class Decoder:
     StreamCorrupt / StreamTruncated / VerificationFailed (with the stream offset and frame number) and
     remove every temporary file."""
 
-    def __init__(self, refs: Mapping[str, Path], sinks: Mapping[str, SinkSpec]) -> None:
+    def __init__(
+        self, refs: Mapping[str, Path], sinks: Mapping[str, SinkSpec], *, max_target_bytes: int = 1 << 40
+    ) -> None:
         self._ref_paths = {k: Path(v) for k, v in refs.items()}
         self._sinks = {k: _as_sink(v) for k, v in sinks.items()}
+        paths = [s.path.resolve() for s in self._sinks.values() if s.path is not None]
+        if len(set(paths)) != len(paths):
+            raise DeltaError("two targets would be written to the same output file")
+        # The decoder keeps 16 bytes per block of every target, so a hostile size is refused up front.
+        self.max_target_bytes = max_target_bytes
         self.stats = StreamStats()
         self._t0 = time.perf_counter()
         self._buf = bytearray()
@@ -462,6 +469,10 @@ class Decoder:
             self._corrupt(f"target {name!r}: bad kind {kind!r}")
         if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= 1 << 50:
             self._corrupt(f"target {name!r}: bad size {size!r}")
+        if size > self.max_target_bytes:
+            self._corrupt(
+                f"target {name!r}: size {size} exceeds this receiver's limit {self.max_target_bytes}"
+            )
         bpos: int | None = None
         if base is not None:
             ids = [r.id for r in self._refs]

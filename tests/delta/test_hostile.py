@@ -345,3 +345,13 @@ def test_fed_byte_by_byte_in_odd_chunks(case: dict[str, object]) -> None:
 def test_unused_frame_head_struct_is_16_bytes() -> None:
     assert W.FRAME_HEAD.size == 16 and struct.calcsize("<Q") == W.CHECK.size
     assert frame(W.END, W.NO_TARGET, 0, b"{}")[:1] == bytes([W.END])
+
+
+def test_target_size_limit_and_shared_outputs(case: dict[str, object]) -> None:
+    with pytest.raises(StreamCorrupt, match="exceeds this receiver's limit"):
+        dec = Decoder(case["refs"], case["outputs"], max_target_bytes=1000)  # type: ignore[arg-type]
+        dec.feed(case["stream"])  # type: ignore[arg-type]
+    assert_nothing_left(case)
+    same = Path(case["outdir"]) / "same"  # type: ignore[arg-type]
+    with pytest.raises(DeltaError, match="same output"):
+        Decoder(case["refs"], {"disk": same, "memory": same})  # type: ignore[arg-type]

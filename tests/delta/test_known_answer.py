@@ -215,3 +215,28 @@ def test_frames_decode_as_they_arrive(tmp_path: Path, rng: np.random.Generator) 
     enc2.begin_target("m", "memory", 4096)
     with pytest.raises(DeltaError, match="whole number"):
         enc2.put_blocks(0, np.arange(1), b"x")
+
+
+def test_stream_reference_to_a_block_rewritten_later_in_the_same_call(
+    tmp_path: Path, rng: np.random.Generator
+) -> None:
+    """Block 5 repeats what block 1 holds, but the same call then rewrites block 1: the receiver applies a
+    frame's copies after its values, so the encoder must not emit that copy (it sends block 5 by value)."""
+    m0 = rand_blocks(rng, 8)
+    x, y = rand_blocks(rng, 2)
+    refs = {"m0": write(tmp_path / "m0", m0)}
+    buf = io.BytesIO()
+    enc = Encoder(refs, buf)
+    enc.begin_target("memory", "memory", m0.nbytes, "m0")
+    enc.put_blocks("memory", np.array([1]), x[None])
+    enc.put_blocks("memory", np.array([5, 1, 6]), np.stack([x, y, y]))
+    st = enc.finish()
+    assert st.kinds["memory"].by_value == 3  # x, then x again and y; the second y is a copy of block 1
+    assert st.kinds["memory"].by_ref == 1
+    out = tmp_path / "out"
+    dec = Decoder(refs, {"memory": out})
+    dec.feed(buf.getvalue())
+    dec.close()
+    expect = m0.copy()
+    expect[[1, 5, 6]] = [y, x, y]
+    assert out.read_bytes() == expect.tobytes()
