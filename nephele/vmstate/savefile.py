@@ -97,8 +97,11 @@ def parse_save_header(head: bytes, path: Path | str = "save image") -> SaveHeade
         raise _die(path, f"truncated: the XML area ends at byte {end}, the file at {len(head)}")
     area = head[HEADER_SIZE:end]
     xml_len = cookie_offset or data_len
-    xml = area[:xml_len].split(b"\0", 1)[0].decode()
-    cookie = area[xml_len:].split(b"\0", 1)[0].decode() if cookie_offset else None
+    try:
+        xml = area[:xml_len].split(b"\0", 1)[0].decode()
+        cookie = area[xml_len:].split(b"\0", 1)[0].decode() if cookie_offset else None
+    except UnicodeDecodeError as e:
+        raise _die(path, f"the domain XML or cookie is not UTF-8 ({e.reason})") from e
     return SaveHeader(version, data_len, bool(was_running), compressed, cookie_offset, xml, cookie, order)
 
 

@@ -209,3 +209,21 @@ def test_store_load_rebuild_a_split_image(tmp_path: Path) -> None:
         sf.load_parts(store)
     with pytest.raises(VmStateError, match="is not in"):
         sf.store_parts(parts, tmp_path)
+
+
+def test_random_headers_only_raise_vmstate_errors(tmp_path: Path) -> None:
+    import random
+
+    rng = random.Random(3)
+    base = image_bytes(b.complete_stream()[0], pad=16)
+    img = tmp_path / "x.save"
+    for _ in range(300):
+        raw = bytearray(base)
+        for _ in range(rng.randint(1, 6)):
+            raw[rng.randrange(16, 140)] = rng.randrange(256)
+        img.write_bytes(bytes(raw))
+        try:
+            h = sf.read_save_header(img)
+        except VmStateError:
+            continue
+        assert h.stream_offset == 92 + h.data_len

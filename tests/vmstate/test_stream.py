@@ -285,3 +285,13 @@ def test_a_refused_stream_stays_refused() -> None:
     with pytest.raises(s.VmStreamError) as later:
         p.feed(b"\x00")
     assert later.value is bad.value
+
+
+def test_pages_do_not_change_when_the_callers_buffer_is_reused() -> None:
+    data = b.full_stream()
+    buf = bytearray(data)
+    p = s.MigrationStreamParser()
+    events = p.feed(buf) + p.feed(memoryview(b""))
+    buf[:] = bytes(len(buf))  # a recv_into buffer being reused
+    events += p.close()
+    assert s.events_to_bytes(events) == data
