@@ -11,6 +11,7 @@ On any error every temporary file is removed and nothing appears at the output p
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -71,7 +72,7 @@ def _as_sink(spec: SinkSpec) -> Sink:
 class _Image:
     """A target image being rebuilt in a temporary file."""
 
-    def __init__(self, sink: Sink, name: str, size: int, base: RefReader | None) -> None:
+    def __init__(self, sink: Sink, name: str, size: int, base: RefReader | None, sha256: bool) -> None:
         self.final = sink.path
         self.size = size
         self.nblocks = nblocks_of(size)
@@ -93,6 +94,10 @@ class _Image:
         self.loaded = False
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="nephele-delta-write")
         self._pending: Future[None] | None = None
+        # SHA-256 of the whole image, when the stream carries one: computed by the writer thread while the
+        # windows go out in order; a write behind the window (a later pre-copy round) means reading back.
+        self._sha = hashlib.sha256() if sha256 else None
+        self._in_order = True
 
     # The window holds blocks wstart .. wstart+W; everything before wstart is in the file.
     def _load(self) -> np.ndarray:
@@ -114,6 +119,9 @@ class _Image:
             self._wait()  # the spare buffer's write must be done before it is reused
             self._pending = self._pool.submit(self._write_window, win, self.wstart, cnt)
             self.win, self._spare = self._spare, win
+        elif cnt > 0 and self._sha is not None:  # an all-zero window: a hole, but hashed
+            self._wait()
+            self._pending = self._pool.submit(self._hash_zeros, self._tail_bytes(self.wstart, cnt))
         self.wstart += self.W
         self.loaded = False
 
@@ -129,7 +137,19 @@ class _Image:
             ends = np.concatenate((ends[:-1][gap_ok], ends[-1:]))
         for a, b in zip(starts, ends, strict=True):
             self._pwrite(rows[a:b], wstart + int(a))
+        if self._sha is not None:
+            self._sha.update(rows.data.cast("B")[: self._tail_bytes(wstart, cnt)])
         os.fdatasync(self.fd)  # start the disk writes now rather than all in close()
+
+    def _tail_bytes(self, wstart: int, cnt: int) -> int:
+        return min(cnt * BLOCK, self.size - wstart * BLOCK)
+
+    def _hash_zeros(self, n: int) -> None:
+        assert self._sha is not None
+        zeros = bytes(min(n, 1 << 20))
+        while n > 0:
+            self._sha.update(zeros[: min(n, len(zeros))])
+            n -= len(zeros)
 
     def _wait(self) -> None:
         if self._pending is not None:
@@ -148,6 +168,7 @@ class _Image:
         behind = blocks < self.wstart
         if behind.any():
             self._wait()
+            self._in_order = False
         for i in np.flatnonzero(behind):
             self._pwrite(rows[i : i + 1], int(blocks[i]))
         ahead = np.flatnonzero(~behind)
@@ -187,13 +208,25 @@ class _Image:
                 out[has] = self.base.gather(blocks[has])
         return out
 
-    def finish(self) -> None:
+    def finish(self) -> bytes | None:
+        """Write out everything; returns the image's SHA-256 if the stream carries one."""
         while self.wstart < self.nblocks:
             self._flush()
         self._wait()
         self._pool.shutdown()
         self.win = self._spare = None
         os.ftruncate(self.fd, self.size)
+        if self._sha is None:
+            return None
+        if self._in_order:
+            return self._sha.digest()
+        h = hashlib.sha256()  # blocks were rewritten behind the window: hash the file as it is now
+        buf = bytearray(16 << 20)
+        off = 0
+        while k := os.preadv(self.fd, [buf], off):
+            h.update(memoryview(buf)[:k])
+            off += k
+        return h.digest()
 
     def sync(self) -> None:
         os.fsync(self.fd)
@@ -274,6 +307,7 @@ class Decoder:
         self._targets: list[_Target] = []
         self._names: set[str] = set()
         self._ended = False
+        self._want_sha = False
         self._closed = False
         self._failed: BaseException | None = None
         self._zd = zstandard.ZstdDecompressor()
@@ -428,6 +462,10 @@ class Decoder:
             self._corrupt(f"unsupported format version {h.get('format')!r} (this decoder reads {W.FORMAT})")
         if h.get("block_size") != BLOCK:
             self._corrupt(f"unsupported block size {h.get('block_size')!r}")
+        sha = h.get("sha256", False)
+        if not isinstance(sha, bool):
+            self._corrupt("HEADER field sha256 must be true or false")
+        self._want_sha = sha
         refs = h.get("refs")
         if not isinstance(refs, list):
             self._corrupt("HEADER has no refs list")
@@ -491,7 +529,7 @@ class Decoder:
             reader = bref.reader
             k = min(n, bref.index.nblocks)
             hashes[:k] = bref.index.hashes[:k]
-        image = _Image(sink, name, size, reader)
+        image = _Image(sink, name, size, reader, self._want_sha)
         self._targets.append(_Target(target, name, kind, size, n, bpos, image, hashes, sink.on_blocks))
         self._names.add(name)
         self.stats.kind(kind)
@@ -621,7 +659,15 @@ class Decoder:
             t = self._targets[i]
             if e.get("blocks") != t.nblocks or not isinstance(e.get("digest"), str):
                 self._corrupt(f"END entry for target {t.name!r} is malformed")
-            t.image.finish()
+            if self._want_sha != isinstance(e.get("sha256"), str):
+                self._corrupt(f"END entry for target {t.name!r}: sha256 given or missing against the HEADER")
+            sha = t.image.finish()
+            if sha is not None and sha.hex() != e["sha256"]:
+                raise _verification(
+                    f"frame {self._seq}: target {t.name!r}: SHA-256 of the rebuilt image "
+                    f"{sha.hex()[:16]}… != the sender's {str(e['sha256'])[:16]}…",
+                    offset=self._frame_off,
+                )
             have = image_digest(t.size, t.hashes).hex()
             if have != e["digest"]:
                 raise _verification(

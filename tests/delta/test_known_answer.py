@@ -240,3 +240,57 @@ def test_stream_reference_to_a_block_rewritten_later_in_the_same_call(
     expect = m0.copy()
     expect[[1, 5, 6]] = [y, x, y]
     assert out.read_bytes() == expect.tobytes()
+
+
+def test_whole_image_sha256_option(
+    tmp_path: Path, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """sha256=True: the trailer also carries the SHA-256 of every image, checked on the rebuilt file,
+    also when later rounds rewrote blocks behind the decoder's window (then the file is read back)."""
+    import hashlib
+    import json
+
+    from nephele.delta import decoder
+    from nephele.delta import wire as W
+    from nephele.errors import VerificationFailed
+    from tests.delta.conftest import rebuild
+
+    monkeypatch.setattr(decoder, "WINDOW_BLOCKS", 4)
+    d0 = rand_blocks(rng, 20)
+    d1 = d0.copy()
+    d1[3] = 0
+    d1[9:11] = rand_blocks(rng, 2)
+    refs = {"d0": write(tmp_path / "d0", d0)}
+    nd = write(tmp_path / "d1", np.concatenate([d1, np.zeros((12, BLOCK), np.uint8)]), size=32 * BLOCK - 9)
+    buf = io.BytesIO()
+    encode_files(refs, [Target("disk", "disk", nd, "d0")], buf, sha256=True)
+    out = tmp_path / "out"
+    decode_files(io.BytesIO(buf.getvalue()), refs, {"disk": out})
+    assert out.read_bytes() == nd.read_bytes()
+    fl = frames(buf.getvalue())
+    end = json.loads(bytes(fl[-1]["raw"]))  # type: ignore[arg-type]
+    assert end["targets"][0]["sha256"] == hashlib.sha256(nd.read_bytes()).hexdigest()
+    end["targets"][0]["sha256"] = "ab" * 32
+    out.unlink()
+    with pytest.raises(VerificationFailed, match="SHA-256"):
+        decode_files(
+            io.BytesIO(rebuild([*fl[:-1], {**fl[-1], "raw": W.json_payload(end)}])), refs, {"disk": out}
+        )
+    assert not out.exists()
+
+    # incremental, blocks rewritten behind the window, caller-supplied SHA-256
+    final = d0.copy()
+    buf = io.BytesIO()
+    enc = Encoder(refs, buf, sha256=True)
+    enc.begin_target("disk", "disk", d0.nbytes, "d0")
+    for blocks in ([0, 1, 2, 15, 16], [1, 2, 17], [0, 19]):
+        data = rand_blocks(rng, len(blocks))
+        enc.put_blocks("disk", np.array(blocks), data)
+        final[blocks] = data
+    with pytest.raises(DeltaError, match="promises a SHA-256"):
+        enc.finish()
+    enc.finish(sha256s={"disk": hashlib.sha256(final.tobytes()).digest()})
+    dec = Decoder(refs, {"disk": out})
+    dec.feed(buf.getvalue())
+    dec.close()
+    assert out.read_bytes() == final.tobytes()

@@ -10,7 +10,7 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nephele.delta import Decoder, Encoder, RefSet, Target, decode_files, encode_files
+from nephele.delta import Decoder, Encoder, RefSet, Target, decode_files, decoder, encode_files
 from tests.delta.conftest import write
 
 BLOCK = 4096
@@ -72,10 +72,12 @@ edit_st = st.lists(
     codec=st.sampled_from(["lz4", "zstd", "none"]),
     batch=st.integers(1, 20),
     with_base=st.booleans(),
+    sha=st.booleans(),
+    window=st.sampled_from([1, 3, 8192]),
 )
 def test_files_round_trip(
     seed: int, nbase: int, nmem: int, disk_size_delta: int, edits_d: list[tuple[str, int, int]],
-    edits_m: list[tuple[str, int, int]], codec: str, batch: int, with_base: bool,
+    edits_m: list[tuple[str, int, int]], codec: str, batch: int, with_base: bool, sha: bool, window: int,
 ) -> None:  # fmt: skip
     rng = np.random.default_rng(seed)
     base = image(rng, nbase)
@@ -96,9 +98,13 @@ def test_files_round_trip(
             Target("memory", "memory", nm, "bm"),
         ]
         buf = io.BytesIO()
-        st_enc = encode_files(refs, targets, buf, codec=codec, batch_blocks=batch)
+        st_enc = encode_files(refs, targets, buf, codec=codec, batch_blocks=batch, sha256=sha)
         outs = {"disk": d / "od", "memory": d / "om"}
-        st_dec = decode_files(io.BytesIO(buf.getvalue()), refs, outs)
+        old, decoder.WINDOW_BLOCKS = decoder.WINDOW_BLOCKS, window  # small windows: many flushes
+        try:
+            st_dec = decode_files(io.BytesIO(buf.getvalue()), refs, outs)
+        finally:
+            decoder.WINDOW_BLOCKS = old
         assert outs["disk"].read_bytes() == nd.read_bytes()
         assert outs["memory"].read_bytes() == nm.read_bytes()
         for k in ("disk", "memory"):
