@@ -1,0 +1,253 @@
+"""A fake cloudlet for executor tests: each node is a dict of images, snapshots and instances behind a
+FakeTransport whose handler answers the agent ops apply uses, the way the node does (same result
+shapes, typed errors). Faults: `down` nodes raise NodeUnreachable; `faults[(node, op)]` is a list of
+exceptions raised by the next calls; `delay[op]` sleeps to make overlap measurable; `calls` records
+(node, op, args, start, end) and `max_concurrent` the most ops in flight at once.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid as uuidlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nephele.agent import FakeTransport, protocol
+from nephele.errors import NepheleError, NodeUnreachable, RemoteError
+
+CID = "ab" * 32
+MUTATING = {
+    "image.import",
+    "image.rm",
+    "snapshot.import",
+    "snapshot.rm",
+    "instance.run",
+    "instance.start",
+    "instance.stop",
+    "instance.pause",
+    "instance.resume",
+    "instance.rm",
+    "instance.set_ports",
+    "instance.handoff",
+}
+
+
+@dataclass
+class Inst:
+    title: str
+    uuid: str
+    snapshot: str
+    state: str = "running"
+    ports: list[str] = field(default_factory=list)
+    manifest: str | None = None
+    prune: bool = True
+    handoff_url: str | None = None
+
+
+@dataclass
+class Node:
+    name: str
+    images: dict[str, str] = field(default_factory=dict)  # name -> content id
+    snapshots: dict[str, str] = field(default_factory=dict)  # name -> image
+    instances: dict[str, Inst] = field(default_factory=dict)  # uuid -> instance
+    files: set[str] = field(default_factory=set)
+
+
+class FakeCloudlet:
+    def __init__(self, *names: str) -> None:
+        self.nodes = {n: Node(n) for n in names}
+        self.down: set[str] = set()
+        self.faults: dict[tuple[str, str], list[BaseException]] = {}
+        self.delay: dict[str, float] = {}
+        self.calls: list[tuple[str, str, dict[str, Any], float, float]] = []
+        self.in_flight = 0
+        self.max_concurrent = 0
+        self.per_node_in_flight: dict[str, int] = {}
+        self.max_per_node = 0
+        self.handoffs_in_flight = 0
+        self.max_handoffs = 0
+        self.after: dict[tuple[str, str], Callable[[], None]] = {}  # run after an op succeeds
+        self.lock = threading.Lock()
+        self.made: list[str] = []
+
+    # ---------------------------------------------------------------------------------- helpers
+
+    def add_image(self, node: str, name: str = "tiny") -> None:
+        self.nodes[node].images[name] = CID
+
+    def add_snapshot(self, node: str, name: str = "web", image: str = "tiny") -> None:
+        self.nodes[node].snapshots[name] = image
+
+    def add_instance(self, node: str, title: str, **kw: Any) -> Inst:
+        kw.setdefault("snapshot", "web")
+        kw.setdefault("manifest", "demo")
+        inst = Inst(title=title, uuid=kw.pop("uuid", str(uuidlib.uuid4())), **kw)
+        self.nodes[node].instances[inst.uuid] = inst
+        return inst
+
+    def find(self, title: str) -> list[tuple[str, Inst]]:
+        return [(n, i) for n, node in self.nodes.items() for i in node.instances.values() if i.title == title]
+
+    def mutations(self) -> list[tuple[str, str]]:
+        return [(n, op) for n, op, _, _, _ in self.calls if op in MUTATING]
+
+    def factory(self, spec: Any) -> FakeTransport:
+        return self.transport(spec.name)
+
+    def transport(self, node: str) -> FakeTransport:
+        t = _FileFakeTransport(lambda req: self.handle(node, req), node)
+        t.cloudlet = self
+        return t
+
+    # ---------------------------------------------------------------------------------- handler
+
+    def handle(self, node: str, req: dict[str, Any]) -> dict[str, Any]:
+        op, args = req["op"], req["args"]
+        if node in self.down:
+            raise NodeUnreachable("connection refused (fake)", node=node)
+        with self.lock:
+            queue = self.faults.get((node, op))
+            fault = queue.pop(0) if queue else None
+            self.in_flight += 1
+            self.max_concurrent = max(self.max_concurrent, self.in_flight)
+            if op != "observe":
+                self.per_node_in_flight[node] = self.per_node_in_flight.get(node, 0) + 1
+                self.max_per_node = max(self.max_per_node, self.per_node_in_flight[node])
+            if op == "instance.handoff":
+                self.handoffs_in_flight += 1
+                self.max_handoffs = max(self.max_handoffs, self.handoffs_in_flight)
+        start = time.monotonic()
+        try:
+            time.sleep(self.delay.get(op, 0.0))
+            if fault is not None:
+                raise fault
+            try:
+                result = self.op(self.nodes[node], op, args)
+            except NepheleError as exc:
+                return protocol.error_response(req["id"], getattr(exc, "kind", "node"), str(exc))
+            hook = self.after.pop((node, op), None)
+            if hook:
+                hook()
+            return protocol.ok_response(req["id"], result)
+        finally:
+            with self.lock:
+                self.in_flight -= 1
+                if op != "observe":
+                    self.per_node_in_flight[node] -= 1
+                if op == "instance.handoff":
+                    self.handoffs_in_flight -= 1
+                self.calls.append((node, op, dict(args), start, time.monotonic()))
+
+    def _select(self, n: Node, ref: str) -> Inst:
+        if ref in n.instances:
+            return n.instances[ref]
+        hits = [i for i in n.instances.values() if i.title == ref]
+        if len(hits) != 1:
+            raise RemoteError("not_found", f"no instance {ref!r}")
+        return hits[0]
+
+    def op(self, n: Node, op: str, args: dict[str, Any]) -> Any:
+        match op:
+            case "observe":
+                return {
+                    "reachable": True,
+                    "images": {k: {"content_id": v} for k, v in n.images.items()},
+                    "snapshots": {k: {"image": v, "content_id": "cd" * 32} for k, v in n.snapshots.items()},
+                    "instances": {
+                        i.title: {
+                            "uuid": i.uuid,
+                            "snapshot": i.snapshot,
+                            "state": i.state,
+                            "ports": i.ports,
+                            "manifest": i.manifest,
+                            "prune": i.prune,
+                            "handoff_url": i.handoff_url,
+                        }
+                        for i in n.instances.values()
+                    },
+                }
+            case "image.import" | "snapshot.import":
+                if args["path"] not in n.files:
+                    raise RemoteError("invalid_input", f"{args['path']}: no such file")
+                if op == "image.import":
+                    n.images[args["name"]] = CID
+                else:
+                    n.snapshots[args["name"]] = "tiny"
+                return {"name": args["name"], "created_new": True}
+            case "image.export" | "snapshot.export":
+                n.files.add(args["dest"])
+                return {"file": args["dest"]}
+            case "image.rm":
+                name = next((k for k, v in n.images.items() if v == args["id"] or k == args["id"]), None)
+                if name is None:
+                    raise RemoteError("not_found", "no image")
+                del n.images[name]
+                return {"removed": True}
+            case "snapshot.rm":
+                n.snapshots = {k: v for k, v in n.snapshots.items() if k != args["id"]}
+                return {"removed": True}
+            case "instance.run":
+                if args["snapshot"] not in n.snapshots:
+                    raise RemoteError("not_found", f"no snapshot {args['snapshot']!r}")
+                held = {
+                    p.split(":")[0] for i in n.instances.values() if i.state != "stopped" for p in i.ports
+                }
+                for p in args.get("ports", []):
+                    if p.split(":")[0] in held:
+                        raise RemoteError("conflict", f"host port {p} is already forwarded")
+                inst = Inst(
+                    title=args["title"],
+                    uuid=str(uuidlib.uuid4()),
+                    snapshot=args["snapshot"],
+                    ports=list(args.get("ports", [])),
+                    manifest=args.get("manifest"),
+                    prune=args.get("prune", True),
+                )
+                n.instances[inst.uuid] = inst
+                self.made.append(inst.title)
+                return {"uuid": inst.uuid, "title": inst.title, "state": "running"}
+            case "instance.start" | "instance.resume":
+                i = self._select(n, args["instance"])
+                i.state = "running"
+                return {"uuid": i.uuid, "state": i.state}
+            case "instance.stop":
+                i = self._select(n, args["instance"])
+                i.state = "stopped"
+                return {"uuid": i.uuid, "state": i.state}
+            case "instance.pause":
+                i = self._select(n, args["instance"])
+                i.state = "paused"
+                return {"uuid": i.uuid, "state": i.state}
+            case "instance.set_ports":
+                i = self._select(n, args["instance"])
+                i.ports = list(args["ports"])
+                return {"uuid": i.uuid}
+            case "instance.rm":
+                i = self._select(n, args["instance"])
+                del n.instances[i.uuid]
+                return {"uuid": i.uuid, "state": "removed"}
+            case "instance.handoff":
+                i = self._select(n, args["instance"])
+                dest = self.nodes[args["dest_node"]]
+                del n.instances[i.uuid]
+                dest.instances[i.uuid] = i
+                return {"summary": f"moved to {args['dest_node']}"}
+        raise RemoteError("unsupported", f"unknown op {op!r}")
+
+
+class _FileFakeTransport(FakeTransport):
+    """File copies land in the fake node's file set instead of the local disk."""
+
+    cloudlet: FakeCloudlet
+
+    def put_file(self, local: str | Path, remote: str) -> None:
+        assert Path(local).is_file(), local
+        self.cloudlet.nodes[self.node].files.add(remote)
+
+    def get_file(self, remote: str, local: str | Path) -> None:
+        if remote not in self.cloudlet.nodes[self.node].files:
+            raise RemoteError("not_found", f"{remote}: no such file", node=self.node)
+        Path(local).write_bytes(b"fake export")
