@@ -241,6 +241,10 @@ def split_stream(source: BinaryIO, out_dir: Path, *, allow_missing: bool = False
         if missing and not allow_missing:
             lost = ", ".join(f"{n}: {c} pages" for n, c in missing.items())
             raise VmStateError(f"migration stream does not carry every RAM page ({lost})")
+    except OSError as e:  # disk full, unreadable source: a clear error and no files left
+        for ram in holder:
+            ram.remove()
+        raise VmStateError(f"splitting the stream into {out_dir}: {e}") from e
     except BaseException:
         for ram in holder:
             ram.remove()

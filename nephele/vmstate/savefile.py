@@ -175,7 +175,10 @@ def extract_ram(save_path: Path, out_dir: Path) -> dict[str, Path]:
 
 
 def _tmp_beside(out: Path) -> tuple[BinaryIO, Path]:
-    fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    except OSError as e:
+        raise _die(out, f"cannot create a file beside it: {e}") from e
     return os.fdopen(fd, "w+b"), Path(name)
 
 
@@ -207,6 +210,9 @@ def write_save_image(
             verify_canonical(f, parts, ram)
             os.fsync(f.fileno())
         os.replace(tmp, out)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise _die(out, f"cannot write the save image: {e}") from e
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -253,6 +259,9 @@ def replace_xml(path: Path, xml: str, *, out: Path | None = None) -> Path:
             dst.flush()
             os.fsync(dst.fileno())
         os.replace(tmp, target)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise _die(target, f"cannot write the save image: {e}") from e
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -283,6 +292,9 @@ def _write_atomic(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise _die(path, f"cannot write: {e}") from e
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

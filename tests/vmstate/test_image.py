@@ -277,3 +277,18 @@ def test_random_streams_split_and_rebuild_to_the_model(
     again = split(rebuilt, tmp / "again")
     for name, content in model.items():
         assert again.ram[name].read_bytes() == bytes(content)
+
+
+def test_read_error_mid_stream_is_clear_and_leaves_no_files(tmp_path: Path) -> None:
+    data, _ = b.complete_stream()
+
+    class Failing(io.BytesIO):
+        def read(self, n: int | None = -1) -> bytes:
+            if self.tell() > 20_000:
+                raise OSError(5, "Input/output error")
+            return super().read(min(n or 4096, 4096))
+
+    out = tmp_path / "ram"
+    with pytest.raises(VmStateError, match=r"splitting the stream into .*Input/output error"):
+        image.split_stream(Failing(data), out)
+    assert list(out.iterdir()) == []

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import resource
+import signal
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -227,3 +231,45 @@ def test_random_headers_only_raise_vmstate_errors(tmp_path: Path) -> None:
         except VmStateError:
             continue
         assert h.stream_offset == 92 + h.data_len
+
+
+@contextlib.contextmanager
+def file_size_limit(limit: int) -> Iterator[None]:
+    """Writes past ``limit`` bytes fail with EFBIG, as they would on a full disk with ENOSPC."""
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old_handler)
+
+
+def test_write_failures_are_clear_errors_and_leave_nothing(tmp_path: Path) -> None:
+    data, _ = b.complete_stream()
+    img = tmp_path / "in.save"
+    img.write_bytes(image_bytes(data))
+    parts = sf.split_save_image(img, tmp_path / "ram")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    with file_size_limit(20_000), pytest.raises(VmStateError, match="cannot write the save image"):
+        sf.write_save_image(
+            out_dir / "x.save", XML, parts.parts.prefix, parts.ram, parts.parts.tail, was_running=True
+        )
+    assert list(out_dir.iterdir()) == []
+    with (
+        file_size_limit(20_000),
+        pytest.raises(VmStateError, match=r"cannot create RAM image files.*too large"),
+    ):
+        sf.split_save_image(img, out_dir / "ram")
+    assert list((out_dir / "ram").iterdir()) == []
+    with pytest.raises(VmStateError, match="cannot create a file beside it"):
+        sf.write_save_image(
+            tmp_path / "missing" / "x.save",
+            XML,
+            parts.parts.prefix,
+            parts.ram,
+            parts.parts.tail,
+            was_running=True,
+        )
