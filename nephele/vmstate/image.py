@@ -336,7 +336,15 @@ def verify_canonical(source: BinaryIO, parts: StreamParts, ram: Mapping[str, Pat
     """Re-parse a rebuilt stream and compare it with what it was built from: prefix and tail byte for
     byte, every page of every block exactly once with the content of its flat file. Raises on the first
     difference."""
-    fds = {name: os.open(path, os.O_RDONLY) for name, path in ram.items()}
+    _check_sources(parts, ram)
+    fds: dict[str, int] = {}
+    try:
+        for name, path in ram.items():
+            fds[name] = os.open(path, os.O_RDONLY)
+    except OSError as e:
+        for fd in fds.values():
+            os.close(fd)
+        raise VmStateError(f"cannot read RAM image: {e}") from e
     seen = {name: np.zeros(n // PAGE_SIZE, dtype=np.bool_) for name, n in parts.blocks.items()}
 
     def on_page(ev: Page | ZeroPage) -> None:
