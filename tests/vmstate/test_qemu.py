@@ -120,6 +120,13 @@ def test_paused_migration_to_file(tmp_path: Path) -> None:
         counter = src.qmp.read_u32(COUNTER_ADDR)
     data = f.read_bytes()
     events = check_round_trip(data)
+    rng = random.Random(7)
+    for cut in [rng.randrange(len(data)) for _ in range(25)]:  # real streams cut anywhere: clean errors
+        p = s.MigrationStreamParser()
+        p.feed(data[:cut])
+        with pytest.raises(s.VmStreamError) as exc:
+            p.close()
+        assert exc.value.truncated and exc.value.offset is not None and exc.value.offset <= cut
     kinds = [e.kind for e in events if isinstance(e, s.SectionStart)]
     assert kinds[0] == s.SEC_START and kinds[-1] == s.SEC_END
     rebuilt, res = rebuild(tmp_path, f)
