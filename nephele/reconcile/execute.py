@@ -299,7 +299,7 @@ class _Runner:
                 return "removed"
             case ActionKind.REMOVE_SNAPSHOT:
                 cid = o.nodes[a.node].snapshots[a.name].content_id
-                self.call(a.node, "snapshot.rm", {"id": cid or a.name})
+                self.call(a.node, "snapshot.rm", {"name": cid or a.name})
                 return "removed"
             case ActionKind.START_INSTANCE:
                 return self.start(a, inst.uuid if inst else None, progress)
@@ -357,7 +357,9 @@ class _Runner:
         if a.source_node:
             src_spec = self.d.nodes[a.source_node]
             src_remote = f"{src_spec.root}/tmp/nephele-{kind}-{a.name}-{tag}.zip"
-            self.call(a.source_node, f"{kind}.export", {"id": a.name, "dest": src_remote}, progress)
+            # image.export names its object "id", snapshot.export "name": both given, each reads its own.
+            what = {"id": a.name, "name": a.name, "dest": src_remote}
+            self.call(a.source_node, f"{kind}.export", what, progress)
             with tempfile.TemporaryDirectory(prefix="nephele-copy-") as tmp:
                 local = Path(tmp) / f"{a.name}.zip"
                 progress(f"copying from {a.source_node} through the controller")

@@ -155,7 +155,7 @@ class FakeCloudlet:
                 return {
                     "reachable": True,
                     "images": {k: {"content_id": v} for k, v in n.images.items()},
-                    "snapshots": {k: {"image": v, "content_id": "cd" * 32} for k, v in n.snapshots.items()},
+                    "snapshots": {k: {"image": v, "content_id": f"{k}-cid"} for k, v in n.snapshots.items()},
                     "instances": {
                         i.title: {
                             "uuid": i.uuid,
@@ -187,7 +187,10 @@ class FakeCloudlet:
                 del n.images[name]
                 return {"removed": True}
             case "snapshot.rm":
-                n.snapshots = {k: v for k, v in n.snapshots.items() if k != args["id"]}
+                ref = args["name"]
+                if not any(ref in (k, f"{k}-cid") for k in n.snapshots):
+                    raise RemoteError("not_found", f"no snapshot {ref!r}")
+                n.snapshots = {k: v for k, v in n.snapshots.items() if ref not in (k, f"{k}-cid")}
                 return {"removed": True}
             case "instance.run":
                 if args["snapshot"] not in n.snapshots:

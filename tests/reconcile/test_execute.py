@@ -13,7 +13,7 @@ from fakenodes import FakeCloudlet
 from nephele import manifest
 from nephele.errors import NodeUnreachable, PlanError, RemoteError
 from nephele.model import Desired
-from nephele.reconcile.actions import ActionKind, Plan
+from nephele.reconcile.actions import Action, ActionKind, Plan
 from nephele.reconcile.execute import ApplyOptions, ApplyResult, Status, apply
 from nephele.reconcile.inventory import InventoryStore
 from nephele.reconcile.journal import Journal, read_events
@@ -426,3 +426,40 @@ def test_journal_records_every_step(tmp_path: Path) -> None:
     ] == [1, 2]
     assert any(e["event"] == "retry" and e["delay"] == 1.0 for e in events)
     assert Journal(tmp_path / "state").previous_interrupted() == []
+
+
+def test_leftover_snapshot_and_image_are_pruned_in_order(tmp_path: Path) -> None:
+    d = write_manifest(tmp_path, ["edge-a", "edge-b"], {"web-1": "{snapshot: web, node: edge-a}"})
+    d = manifest.loads(
+        (tmp_path / "cloudlet.yaml")
+        .read_text()
+        .replace("tiny: {source: tiny.zip}", "tiny: {source: tiny.zip, nodes: [edge-a]}"),
+        str(tmp_path / "cloudlet.yaml"),
+    )
+    fc = FakeCloudlet("edge-a", "edge-b")
+    for n in ("edge-a", "edge-b"):
+        fc.add_image(n)
+        fc.add_snapshot(n)
+    fc.add_instance("edge-a", "web-1")
+    inv = InventoryStore(tmp_path / "state", "demo")
+    inv.reconcile(observe(d, TransportPool(d, fc.factory), timeout=5))
+    for kind in (ActionKind.IMPORT_IMAGE, ActionKind.DISTRIBUTE_SNAPSHOT):  # as if nephele had put them there
+        inv.record(
+            Action(
+                id="x",
+                kind=kind,
+                address=f"{'image/tiny' if kind is ActionKind.IMPORT_IMAGE else 'snapshot/web'}",
+                node="edge-b",
+                reason="",
+            )
+        )
+    p = make_plan(d, fc, inv)
+    assert [a.id for a in p.actions] == [
+        "remove_snapshot:snapshot/web@edge-b",
+        "remove_image:image/tiny@edge-b",
+    ]
+    result, lines = run(d, fc, p, tmp_path)
+    assert result.ok, lines
+    assert fc.nodes["edge-b"].snapshots == {} and fc.nodes["edge-b"].images == {}
+    assert fc.nodes["edge-a"].snapshots and fc.nodes["edge-a"].images
+    assert [op for n, op in fc.mutations()] == ["snapshot.rm", "image.rm"]
