@@ -1,7 +1,7 @@
 """The receiving side: parse frames as they arrive, rebuild each target, verify, then publish.
 
 Each target is rebuilt in a temporary file beside its output (or a scratch file for a callback-only sink).
-Blocks arriving in order go through a 32 MiB window that starts as the base image's bytes and is written
+Blocks arriving in order go through a 16 MiB window that starts as the base image's bytes and is written
 out sequentially (zero runs are left as holes); blocks behind the window (later pre-copy iterations) are
 written in place. The decoder keeps the nph128 hash of every block it holds, so the END frame's digests
 are checked without reading the images back. Only then, in close(), are the files fsynced and renamed.
@@ -34,7 +34,7 @@ from nephele.delta.index import BLOCK, BlockIndex, RefReader, image_digest, nblo
 from nephele.delta.stats import StreamStats
 from nephele.errors import DeltaError, NepheleError, StreamCorrupt, StreamTruncated, VerificationFailed
 
-WINDOW_BLOCKS = 8192
+WINDOW_BLOCKS = 4096  # 16 MiB; two buffers per target (one being written)
 HOLE_MIN_BLOCKS = 1  # zero blocks stay holes in the rebuilt file (less to write and fsync)
 
 

@@ -188,29 +188,28 @@ class RefReader:
         self.size = size
         self.nblocks = nblocks_of(size)
         self._fd = os.open(self.path, os.O_RDONLY)
-        full = size // BLOCK
-        # Scattered reads through a read-only map: one numpy gather per batch instead of a syscall per block.
-        self._map: np.ndarray | None = (
-            np.memmap(self.path, dtype=np.uint8, mode="r", shape=(full, BLOCK)) if full else None
-        )
-        self._full = full
 
     def gather(self, blocks: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """out[i] = block blocks[i]. One pread per run of consecutive blocks; no mmap, because the
+        kernel maps 64 KiB around every faulting page and scattered reads would then show up as
+        hundreds of MiB of (page-cache) RSS."""
         blocks = np.asarray(blocks, dtype=np.int64)
         if out is None:
             out = np.empty((blocks.shape[0], BLOCK), dtype=np.uint8)
-        inside = blocks < self._full
-        if self._map is not None and inside.all():
-            np.take(self._map, blocks, axis=0, out=out)
+        if blocks.size == 0:
             return out
-        if self._map is not None and inside.any():
-            out[inside] = self._map[blocks[inside]]
-        for i in np.flatnonzero(~inside):
-            b = int(blocks[i])
-            out[i] = 0
-            if b < self.nblocks:
-                got = read_full(self._fd, out[i].data, b * BLOCK)
-                out[i, got:] = 0
+        if (np.diff(blocks) > 0).all():  # already sorted and distinct: read straight into out
+            uniq, inv, dest = blocks, None, out
+        else:
+            uniq, inv = np.unique(blocks, return_inverse=True)
+            dest = np.empty((uniq.size, BLOCK), np.uint8)
+        breaks = np.flatnonzero(np.diff(uniq) != 1) + 1
+        starts = np.concatenate(([0], breaks))
+        ends = np.concatenate((breaks, [uniq.size]))
+        for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
+            self.read_range(int(uniq[a]), dest[a:b])
+        if inv is not None:
+            np.take(dest, inv, axis=0, out=out)
         return out
 
     def read_range(self, start: int, out: np.ndarray) -> None:
@@ -222,7 +221,6 @@ class RefReader:
             mv[got:] = bytes(len(mv) - got)
 
     def close(self) -> None:
-        self._map = None
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
