@@ -5,8 +5,9 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from collections import deque
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Literal
@@ -27,6 +28,7 @@ MAX_ENTRIES = 1 << 16  # entries per BLOCKS frame
 # Values per BLOCKS frame: 256 KiB compresses as well as 64 KiB with lz4 (and zstd) on VM-like data and
 # quarters the per-frame costs on both ends (measured with bench/delta_kernels.py).
 DEFAULT_BATCH = 64
+MAX_PENDING_FRAMES = 64  # frames queued for the writer thread (about 16 MiB)
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,7 @@ class Encoder:
         batch_blocks: int | None = None,
         emit_keep: bool = True,
         sha256: bool = False,
+        threaded: bool = False,
     ) -> None:
         if codec not in W.CODECS:
             raise DeltaError(f"unknown codec {codec!r} (choose from {', '.join(W.CODECS)})")
@@ -91,6 +94,9 @@ class Encoder:
         self._svals = np.zeros(1 << 12, np.int64)
         self._sused = 0
         self._finished = False
+        # threaded: a writer thread compresses and writes frames while this thread classifies the next batch.
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="nephele-delta-frames") if threaded else None
+        self._pending: deque[Future[None]] = deque()
         self.collisions = 0  # reference candidates whose bytes differed (sent by value instead)
         self.sha256 = sha256
         self._write(W.MAGIC)
@@ -293,11 +299,7 @@ class Encoder:
                 values[v0:v1].tobytes(),
             ]
             raw = b"".join(parts)
-            stored = self._frame(W.BLOCKS, t.index, raw, compress=True)
-            ks.raw_bytes += len(raw)
-            ks.payload_bytes += stored
-            ks.wire_bytes += stored + W.OVERHEAD
-            ks.frames += 1
+            self._frame(W.BLOCKS, t.index, raw, compress=True, kind=t.kind)
             start = end
 
     # -- frames ------------------------------------------------------------------------------------
@@ -314,23 +316,55 @@ class Encoder:
         assert self._zc is not None
         return self._zc.compress(raw)
 
-    def _frame(self, ftype: int, target: int, raw: bytes, *, compress: bool) -> int:
+    def _frame(self, ftype: int, target: int, raw: bytes, *, compress: bool, kind: str | None = None) -> None:
         if len(raw) > W.MAX_RAW:
             raise DeltaError(f"frame payload of {len(raw)} bytes exceeds {W.MAX_RAW}")
+        seq = self._seq
+        self._seq += 1
+        if self._pool is None:
+            self._frame_now(ftype, target, seq, raw, compress, kind)
+            return
+        self._pending.append(self._pool.submit(self._frame_now, ftype, target, seq, raw, compress, kind))
+        while len(self._pending) > MAX_PENDING_FRAMES:  # bounded memory: wait for the oldest
+            self._pending.popleft().result()
+
+    def _frame_now(
+        self, ftype: int, target: int, seq: int, raw: bytes, compress: bool, kind: str | None
+    ) -> None:
+        """Compress, checksum and write one frame (on the writer thread when there is one: frames are
+        written in submission order, and only this thread touches the byte counters meanwhile)."""
         codec, stored = W.NONE, raw
         if compress and self._codec != W.NONE:
             c = self._compress(raw)
             if len(c) < len(raw):
                 codec, stored = self._codec, c
-        head = W.FRAME_HEAD.pack(ftype, codec, target, self._seq, len(stored), len(raw))
+        head = W.FRAME_HEAD.pack(ftype, codec, target, seq, len(stored), len(raw))
         h = xxhash.xxh3_64(head)
         h.update(stored)
         self._write(head)
         self._write(stored)
         self._write(W.CHECK.pack(h.intdigest()))
-        self._seq += 1
         self.stats.frames += 1
-        return len(stored)
+        if kind is not None:
+            ks = self.stats.kind(kind)
+            ks.raw_bytes += len(raw)
+            ks.payload_bytes += len(stored)
+            ks.wire_bytes += len(stored) + W.OVERHEAD
+            ks.frames += 1
+
+    def flush(self) -> None:
+        """Wait until every frame so far is written to out (threaded encoders compress in the background)."""
+        while self._pending:
+            self._pending.popleft().result()
+
+    def close(self) -> None:
+        """Stop the writer thread (after finish(), or to abandon a stream after an error)."""
+        if self._pool is not None:
+            for f in self._pending:
+                f.cancel()
+            self._pending.clear()
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
     def _write(self, b: bytes) -> None:
         self._out.write(b)
@@ -361,6 +395,8 @@ class Encoder:
                 e["sha256"] = sha.hex()
             entries.append(e)
         self._frame(W.END, W.NO_TARGET, W.json_payload({"targets": entries}), compress=False)
+        self.flush()
+        self.close()
         self._finished = True
         self.stats.seconds = time.perf_counter() - self._t0
         if self._own_refs:
@@ -387,7 +423,9 @@ def encode_files(
         for t in targets:
             if t.base is not None and t.base not in refs:
                 raise DeltaError(f"target {t.name!r}: base {t.base!r} is not among the reference images")
-        enc = Encoder(rs, out, codec, level, batch_blocks=batch_blocks, emit_keep=False, sha256=sha256)
+        enc = Encoder(
+            rs, out, codec, level, batch_blocks=batch_blocks, emit_keep=False, sha256=sha256, threaded=True
+        )
         shas: dict[str, bytes] = {}
         fds: list[int] = []
         try:
@@ -402,10 +440,11 @@ def encode_files(
                 sha = _encode_file(enc, enc._target(t.name), fd, t.path, sha256)
                 if sha is not None:
                     shas[t.name] = sha
+            return enc.finish(sha256s=shas)
         finally:
+            enc.close()
             for fd in fds:
                 os.close(fd)
-        return enc.finish(sha256s=shas)
     finally:
         rs.close()
 
