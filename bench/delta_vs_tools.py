@@ -57,6 +57,7 @@ class Proc:
     returncode: int
     stdout: str
     stderr: str
+    anon_kib: int = 0  # peak RssAnon of the main process, sampled every 10 ms (file-backed pages excluded)
 
 
 @dataclass
@@ -70,6 +71,7 @@ class Run:
     cpu_seconds: float = 0.0
     output_bytes: int = 0
     max_rss_kib: int = 0
+    anon_kib: int = 0
     per_image: dict[str, dict[str, Any]] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
@@ -113,10 +115,23 @@ if pid == 0:
     except OSError as e:
         os.write(2, f"cannot run {cmd[0]}: {e.strerror}\\n".encode())
     os._exit(127)
-_, st, ru = os.wait4(pid, 0)
+anon, status = 0, f"/proc/{pid}/status"
+while True:
+    done, st, ru = os.wait4(pid, os.WNOHANG)
+    if done:
+        break
+    try:
+        with open(status) as f:
+            for ln in f:
+                if ln.startswith("RssAnon:"):
+                    anon = max(anon, int(ln.split()[1]))
+                    break
+    except OSError:
+        pass
+    time.sleep(0.01)
 w = time.perf_counter() - t
 with open(out, "w") as f:
-    f.write(f"{w} {ru.ru_utime + ru.ru_stime} {ru.ru_maxrss} {os.waitstatus_to_exitcode(st)}")
+    f.write(f"{w} {ru.ru_utime + ru.ru_stime} {ru.ru_maxrss} {os.waitstatus_to_exitcode(st)} {anon}")
 """
 
 
@@ -132,10 +147,10 @@ def run_proc(cmd: Sequence[str]) -> Proc:
         err.seek(0)
         stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")[-4000:]
         try:
-            wall, cpu, rss, code = res.read_text().split()
+            wall, cpu, rss, code, anon = res.read_text().split()
         except (OSError, ValueError):
             return Proc(0.0, 0.0, 0, rc or 1, stdout, stderr + f"\nlauncher failed (exit {rc})")
-        return Proc(float(wall), float(cpu), int(rss), int(code), stdout, stderr)
+        return Proc(float(wall), float(cpu), int(rss), int(code), stdout, stderr, int(anon))
 
 
 def warm(paths: Sequence[Path]) -> float:
@@ -332,6 +347,7 @@ def measure_nephele(
         run.seconds = float(res["seconds"])
         run.cpu_seconds = p.cpu_seconds
         run.max_rss_kib = max(s[0].max_rss_kib for s in samples)
+        run.anon_kib = max(s[0].anon_kib for s in samples)
         run.extra = {
             "all_seconds": [round(float(s[1]["seconds"]), 4) for s in samples],
             "fresh_process_call_seconds": round(fresh, 4),
@@ -366,6 +382,7 @@ def measure_index(img: Images) -> Run:
     if res is None:
         return _fail(run, p, run.method)
     run.seconds, run.cpu_seconds, run.max_rss_kib = float(res["seconds"]), p.cpu_seconds, p.max_rss_kib
+    run.anon_kib = p.anon_kib
     run.extra = {"process_seconds": round(p.seconds, 3), "blocks": res["stats"]}
     return run
 
@@ -487,7 +504,13 @@ def measure_tool(tool: str, img: Images, tmp: Path) -> Run:
             base = img.refs[base_id]
             steps = tool_steps(tool, base, target, out)
             warm([base, target])
-            per: dict[str, Any] = {"seconds": 0.0, "cpu_seconds": 0.0, "max_rss_kib": 0, "steps": []}
+            per: dict[str, Any] = {
+                "seconds": 0.0,
+                "cpu_seconds": 0.0,
+                "max_rss_kib": 0,
+                "anon_kib": 0,
+                "steps": [],
+            }
             for cmd, produced in steps:
                 p = run_proc(cmd)
                 if p.returncode != 0:
@@ -497,12 +520,14 @@ def measure_tool(tool: str, img: Images, tmp: Path) -> Run:
                 per["seconds"] += p.seconds
                 per["cpu_seconds"] += p.cpu_seconds
                 per["max_rss_kib"] = max(per["max_rss_kib"], p.max_rss_kib)
+                per["anon_kib"] = max(per["anon_kib"], p.anon_kib)
             per["output_bytes"] = size
             run.per_image[name] = per
             run.seconds += per["seconds"]
             run.cpu_seconds += per["cpu_seconds"]
             run.output_bytes += size
             run.max_rss_kib = max(run.max_rss_kib, per["max_rss_kib"])
+            run.anon_kib = max(run.anon_kib, per["anon_kib"])
             for _, produced in steps:
                 produced.unlink(missing_ok=True)
         return run
@@ -565,7 +590,7 @@ def _fmt(v: float, digits: int = 1) -> str:
 
 
 def render_table(runs: Sequence[Run]) -> str:
-    head = ["method", "wall s", "cpu s", "in MB/s", "out MB", "RSS MiB"]
+    head = ["method", "wall s", "cpu s", "in MB/s", "out MB", "RSS MiB", "anon MiB"]
     for m in RATES_MBIT:
         head += [f"xfer@{m}", f"total@{m}"]
     rows: list[list[str]] = []
@@ -575,12 +600,14 @@ def render_table(runs: Sequence[Run]) -> str:
             continue
         row = [r.method, _fmt(r.seconds, 2), _fmt(r.cpu_seconds, 2), _fmt(r.mbps, 0)]
         if r.role == "encode":
-            row += [_fmt(r.output_bytes / MB), _fmt(r.max_rss_kib / 1024, 0)]
+            row += [_fmt(r.output_bytes / MB), _fmt(r.max_rss_kib / 1024, 0), _fmt(r.anon_kib / 1024, 0)]
             for m in RATES_MBIT:
                 x = r.transfer_s(m)
                 row += [_fmt(x), _fmt(x + r.seconds)]
         else:
-            row += ["-", _fmt(r.max_rss_kib / 1024, 0)] + ["-"] * (2 * len(RATES_MBIT))
+            row += ["-", _fmt(r.max_rss_kib / 1024, 0), _fmt(r.anon_kib / 1024, 0)] + ["-"] * (
+                2 * len(RATES_MBIT)
+            )
         rows.append(row)
     widths = [max([len(head[i]), *(len(r[i]) for r in rows if len(r) > 2)]) for i in range(len(head))]
     lines = [
@@ -620,7 +647,7 @@ def render_checks(groups: Sequence[tuple[str, list[Check]]]) -> str:
     for label, checks in groups:
         lines.append(f"targets for {label} (issue 3):")
         for c in checks:
-            unit = " GB/s" if "GB/s" in c.what else " x"
+            unit = " GB/s" if "GB/s" in c.what or "process" in c.what else " x"
             verdict = "info" if c.info_only else ("PASS" if c.ok else "FAIL")
             if c.info_only:
                 verdict += " (would " + ("pass" if c.ok else "fail") + ")"
@@ -757,7 +784,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\nper image (disk; memory):")
     print(render_per_image(runs))
     print("\nxfer@R = output bytes over R Mbit/s, in s; total@R = encode wall time + xfer (sequential).")
-    print("in MB/s = D1+M1 bytes (D0+M0 for the index) / wall s. RSS = peak resident set of the process.")
+    print("in MB/s = D1+M1 bytes (D0+M0 for the index) / wall s. RSS = peak resident set of the process")
+    print(
+        "(file pages it maps count too); anon = peak anonymous memory of its main process (sampled, 10 ms)."
+    )
     for r in runs:
         if r.method.startswith("nephele") and r.role == "encode" and r.error is None:
             print(f"\n{r.method}: engine stats")

@@ -54,7 +54,7 @@ import numpy as np
 import numpy.typing as npt
 import xxhash
 
-VERSION = 1  # bump when the content model changes: cached workloads are keyed on it
+VERSION = 2  # bump when the content model changes: cached workloads are keyed on it
 BLOCK = 4096
 WORDS = BLOCK // 8
 BLOCKS_PER_MIB = (1 << 20) // BLOCK

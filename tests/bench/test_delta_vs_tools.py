@@ -31,8 +31,10 @@ def test_rss_is_the_commands_own_not_the_parents() -> None:
     ballast = bytearray(300 << 20)  # make this process big: a plain fork+exec child would inherit its peak
     ballast[::4096] = b"x" * len(ballast[::4096])
     small = dvt.run_proc(["true"])
-    big = dvt.run_proc([sys.executable, "-c", "b = bytearray(200 << 20); b[::4096] = b'y' * len(b[::4096])"])
+    hold = "import time; b = bytearray(200 << 20); b[::4096] = b'y' * len(b[::4096]); time.sleep(0.3)"
+    big = dvt.run_proc([sys.executable, "-c", hold])
     assert small.returncode == 0 and small.max_rss_kib < 50 * 1024, small
+    assert 200 * 1024 < big.anon_kib < 280 * 1024, big
     assert big.returncode == 0 and 200 * 1024 < big.max_rss_kib < 280 * 1024, big
     missing = dvt.run_proc(["/nonexistent/tool"])
     assert missing.returncode == 127 and "cannot run" in missing.stderr
