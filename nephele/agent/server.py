@@ -20,6 +20,7 @@ from typing import IO, Any
 
 from nephele.agent import protocol
 from nephele.errors import NepheleError, NodeError, ProtocolError
+from nephele.handoff.ops import HANDOFF_OPS
 from nephele.node.ops import OPS, Op
 from nephele.node.runtime import NodeContext
 
@@ -33,7 +34,7 @@ def handle(
     ops: Mapping[str, Op] | None = None,
 ) -> protocol.Response:
     """Run one request (already decoded) and return its response. Never raises for a bad request."""
-    table = OPS if ops is None else ops
+    table = {**OPS, **HANDOFF_OPS} if ops is None else ops
     rid = message.get("id")
     try:
         rid, op, args = protocol.validate_request(message)

@@ -41,6 +41,7 @@ _HELLO = struct.Struct(">4sBBH16s32s")
 HELLO_LEN = _HELLO.size
 OK = b"OK"
 HELLO_TIMEOUT = 10.0
+USER_TIMEOUT_MS = 20_000
 
 MEMORY = 1
 DISK = 2
@@ -81,6 +82,8 @@ def tune(sock: socket.socket, *, sndbuf: int | None = None) -> None:
     for opt, val in (("TCP_KEEPIDLE", 5), ("TCP_KEEPINTVL", 2), ("TCP_KEEPCNT", 5)):
         if hasattr(socket, opt):
             sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), val)
+    if hasattr(socket, "TCP_USER_TIMEOUT"):  # data unacknowledged this long: the link is dead
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, USER_TIMEOUT_MS)
     if sndbuf:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
 
@@ -99,7 +102,9 @@ def connect_channel(
         if greeting[: len(GREETING)] != GREETING:
             raise HandoffError(f"{what}: not a nephele handoff port")
         nonce = greeting[len(GREETING) :]
-        sock.sendall(_HELLO.pack(HELLO_MAGIC, VERSION, channel, 0, handoff_id, _mac(token, nonce, handoff_id, channel)))
+        sock.sendall(
+            _HELLO.pack(HELLO_MAGIC, VERSION, channel, 0, handoff_id, _mac(token, nonce, handoff_id, channel))
+        )
         if recv_exact(sock, len(OK)) != OK:
             raise HandoffError(f"{what}: refused")
     except (OSError, ConnectionError) as exc:
@@ -266,7 +271,9 @@ class MsgReader:
             raise HandoffError(f"channel message of {n} bytes is larger than allowed")
         while len(self.buf) < _MSG.size + n:
             if not self._fill():
-                raise ChannelClosed(f"channel closed inside a message ({len(self.buf) - _MSG.size} of {n} bytes)")
+                raise ChannelClosed(
+                    f"channel closed inside a message ({len(self.buf) - _MSG.size} of {n} bytes)"
+                )
         payload = bytes(self.buf[_MSG.size : _MSG.size + n])
         del self.buf[: _MSG.size + n]
         return mtype, payload

@@ -121,6 +121,7 @@ def _local_to_wan(local: socket.socket, tx: MsgSender, st: ForwardStats, tap: Nb
                 tx.send(DATA_LZ4, struct.pack(">I", len(data)) + z)
             else:
                 tx.send(DATA, data)
+            st.wan_out = tx.bytes
         tx.send(EOF)
     except OSError as exc:
         st.error = st.error or f"local side: {exc}"
@@ -130,13 +131,14 @@ def _local_to_wan(local: socket.socket, tx: MsgSender, st: ForwardStats, tap: Nb
         st.wan_out = tx.bytes
 
 
-def _wan_to_local(rx: MsgReader, local: socket.socket, st: ForwardStats) -> None:
+def _wan_to_local(rx: MsgReader, local: socket.socket, st: ForwardStats, tap: NbdTap | None) -> None:
     try:
         while True:
             msg = rx.read()
             if msg is None:
                 break
             mtype, payload = msg
+            st.wan_in = rx.bytes
             if mtype == DATA:
                 out = payload
             elif mtype == DATA_LZ4:
@@ -146,6 +148,8 @@ def _wan_to_local(rx: MsgReader, local: socket.socket, st: ForwardStats) -> None
                 break
             else:
                 raise ChannelClosed(f"unexpected message type {mtype} on a forwarding channel")
+            if tap is not None:
+                tap.feed(out)
             local.sendall(out)
             st.local_out += len(out)
         with contextlib.suppress(OSError):
@@ -158,11 +162,19 @@ def _wan_to_local(rx: MsgReader, local: socket.socket, st: ForwardStats) -> None
         st.wan_in = rx.bytes
 
 
-def forward(local: socket.socket, wan: socket.socket, *, tap: NbdTap | None = None) -> ForwardStats:
-    """Forward until both directions ended; closes both sockets. Returns the byte counts."""
-    st = ForwardStats()
+def forward(
+    local: socket.socket,
+    wan: socket.socket,
+    *,
+    tap: NbdTap | None = None,
+    tap_in: NbdTap | None = None,
+    stats: ForwardStats | None = None,
+) -> ForwardStats:
+    """Forward until both directions ended; closes both sockets. ``tap`` sees what the local side sends,
+    ``tap_in`` what arrives from the channel. Returns the byte counts (``stats`` if given, updated live)."""
+    st = stats or ForwardStats()
     tx, rx = MsgSender(wan), MsgReader(wan)
-    t = threading.Thread(target=_wan_to_local, args=(rx, local, st), daemon=True)
+    t = threading.Thread(target=_wan_to_local, args=(rx, local, st, tap_in), daemon=True)
     t.start()
     _local_to_wan(local, tx, st, tap)
     t.join()

@@ -6,7 +6,8 @@ opened to our local listener), parses it (nephele.vmstate), and sends in stream 
     TARGETS   JSON: the RAM blocks (name, size) from the MEM_SIZE record; the delta encoder starts
     OPAQUE    stream bytes that are not pages (headers, footers, commands, device state), lz4
     PAGES     a run of page records of one RAM block: u16 target, u32 n, n x be64 (offset | flags),
-              the fill byte of each ZERO record, then the delta frames (nephele.delta) of its PAGE records
+              the fill byte of each ZERO record, u64 xxh3 of the page payloads, then the delta frames
+              (nephele.delta) of its PAGE records
     ITER      u32: a ram section began (iteration counter for progress)
     TAIL      the device state begins: the destination holds every byte from here on
     STOPPED   f64: the source VM stopped (wall clock, for the downtime)
@@ -42,6 +43,7 @@ from typing import Any
 
 import lz4.block
 import numpy as np
+import xxhash
 
 from nephele.delta import Decoder, Encoder, RefSet
 from nephele.delta.decoder import Sink
@@ -117,7 +119,7 @@ class MemoryStats:
 
 
 def _lz4(data: bytes) -> bytes:
-    z = lz4.block.compress(data, store_size=False)
+    z: bytes = lz4.block.compress(data, store_size=False)
     if len(z) + 1 < len(data):
         return b"\x01" + _U64.pack(len(data)) + z
     return b"\x00" + data
@@ -183,8 +185,8 @@ class MemorySource:
     # -- sending -------------------------------------------------------------------------------------
     def _send_delta_header(self, blocks: tuple[tuple[str, int], ...]) -> None:
         self._refset = RefSet.open(self.refs)
-        self._enc = Encoder(self._refset, self._cap, self.codec)
-        info = []
+        self._enc = Encoder(self._refset, self._cap, self.codec)  # type: ignore[arg-type]
+        info: list[dict[str, Any]] = []
         for name, size in blocks:
             base = mem_ref_id(name) if mem_ref_id(name) in self.refs else None
             # target names become scratch file names on the destination: no idstr (it may hold '/')
@@ -220,12 +222,21 @@ class MemorySource:
                 assert type(ev) is ZeroPage
                 heads[i] = ev.offset | RAM_ZERO | cont
                 fills.append(ev.fill)
+        check = 0
         if nums:
-            data = np.frombuffer(b"".join(datas), np.uint8).reshape(-1, PAGE_SIZE)
+            raw = b"".join(datas)
+            check = xxhash.xxh3_64_intdigest(raw)
+            data = np.frombuffer(raw, np.uint8).reshape(-1, PAGE_SIZE)
             self._enc.put_blocks(tidx, np.array(nums, np.int64), data)
         self.stats.pages += len(nums)
         self.stats.zero_records += len(run) - len(nums)
-        payload = _PAGES_HEAD.pack(tidx, len(run)) + heads.tobytes() + bytes(fills) + self._cap.take()
+        payload = (
+            _PAGES_HEAD.pack(tidx, len(run))
+            + heads.tobytes()
+            + bytes(fills)
+            + _U64.pack(check)
+            + self._cap.take()
+        )
         self.tx.send(PAGES, payload)
         self._run = []
         self._run_offsets = set()
@@ -397,7 +408,8 @@ class MemoryDestination:
             except OSError as exc:
                 if time.monotonic() > deadline:
                     raise HandoffError(
-                        f"the destination QEMU does not listen on {self.qemu_address[0]}:{self.qemu_address[1]}"
+                        "the destination QEMU does not listen on "
+                        f"{self.qemu_address[0]}:{self.qemu_address[1]}"
                         f" ({exc})"
                     ) from None
                 time.sleep(0.1)
@@ -428,7 +440,8 @@ class MemoryDestination:
         self._names = [str(b["name"]) for b in blocks]
         self.scratch_dir.mkdir(parents=True, exist_ok=True)
         sinks = {
-            f"ram{i}": Sink(on_blocks=self._on_blocks, scratch_dir=self.scratch_dir) for i in range(len(blocks))
+            f"ram{i}": Sink(on_blocks=self._on_blocks, scratch_dir=self.scratch_dir)
+            for i in range(len(blocks))
         }
         self._dec = Decoder(self.refs, sinks)  # type: ignore[arg-type]
         self._dec.feed(delta)
@@ -451,6 +464,8 @@ class MemoryDestination:
         nz = int(n - int(is_page.sum()))
         fills = payload[p : p + nz]
         p += nz
+        (check,) = _U64.unpack_from(payload, p)
+        p += 8
         self._rows.clear()
         self._dec.feed(payload[p:])
         if self._rows:
@@ -464,6 +479,11 @@ class MemoryDestination:
         if got_blocks.shape[0] != want.shape[0] or not np.array_equal(got_blocks, want.astype(np.int64)):
             raise HandoffError(
                 f"memory channel: the delta frames for RAM block {block!r} do not match the page records"
+            )
+        if rows.shape[0] and xxhash.xxh3_64_intdigest(np.ascontiguousarray(rows).data) != check:
+            raise HandoffError(
+                f"verification failed: {rows.shape[0]} rebuilt pages of RAM block {block!r} (from page "
+                f"{int(want[0])}) differ from what the source sent"
             )
         w = self._writer
         pi = zi = 0
@@ -542,7 +562,8 @@ class MemoryDestination:
                     self.on_progress(self.stats)
             if not self.stats.ended:
                 raise ChannelClosed(
-                    f"the memory channel closed before the end of the stream ({self.stats.stream_bytes} bytes "
+                    "the memory channel closed before the end of the stream "
+                    f"({self.stats.stream_bytes} bytes "
                     "rebuilt); the destination VM was not allowed to resume"
                 )
             # Keep the channel open for the return path until the destination QEMU closes its side.

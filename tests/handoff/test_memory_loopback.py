@@ -69,7 +69,9 @@ class Corrupter:
 class Pair:
     """Source proxy (local listener for QEMU) + destination listener, as the handoff ops wire them."""
 
-    def __init__(self, tmp: Path, dst_qemu_port: int, refs: dict[str, Path], *, via: int | None = None) -> None:
+    def __init__(
+        self, tmp: Path, dst_qemu_port: int, refs: dict[str, Path], *, via: int | None = None
+    ) -> None:
         self.hid, self.token = ch.new_handoff_id(), ch.new_token()
         self.listener = ch.HandoffListener("127.0.0.1", 0, self.hid, self.token)
         self.src_stats: MemoryStats | None = None
@@ -89,7 +91,9 @@ class Pair:
     def _on_channel(self, acc: ch.Accepted) -> None:
         try:
             assert acc.channel == ch.MEMORY
-            d = MemoryDestination(acc.sock, ("127.0.0.1", self.dst_qemu_port), self.refs, self.tmp / "scratch")
+            d = MemoryDestination(
+                acc.sock, ("127.0.0.1", self.dst_qemu_port), self.refs, self.tmp / "scratch"
+            )
             self.dst_stats = d.run()
         except BaseException as e:
             self.errors.append(e)
@@ -169,7 +173,7 @@ def test_a_corrupted_byte_on_the_link_stops_the_handoff_and_the_source_keeps_run
         bad = Corrupter(("127.0.0.1", pair0.listener.port), at=300_000)
         pair0.wan_port = bad.port  # the source thread connects when QEMU does, so this takes effect
         src.qmp.cmd("migrate", uri=f"tcp:127.0.0.1:{pair0.port}")
-        with pytest.raises(Exception, match="migration failed|cancelled"):
+        with pytest.raises(Exception, match=r"migration failed|cancelled"):
             src.qmp.wait_migration(60)
         assert pair0.dst_done.wait(30)
         pair0.src_thread.join(30)

@@ -1,0 +1,297 @@
+"""The destination node's side of a live handoff: the agent op ``handoff.receive``.
+
+It runs for the whole handoff (the controller calls it in parallel with the source's ``handoff.send``):
+
+1. checks (no such instance here yet, the base image is here, the forwarded ports are free, the disk path
+   is the same as on the source), prepares the reference images, pre-creates the empty qcow2 overlay at
+   the instance's disk path, picks the loopback ports the destination QEMU will listen on;
+2. opens the handoff port for this one handoff (token from the controller) and reports
+   ``@handoff {"event": "ready", ...}`` on its progress stream;
+3. serves the channels: memory (rebuilt stream into 127.0.0.1:P), disk (NBD, to 127.0.0.1:P2), libvirt
+   control (to this node's libvirtd unix socket);
+4. succeeds only when the stream was verified and libvirt reports the domain running here, persistent;
+   writes the .log/.stats records all along.
+
+On any failure it makes sure nothing is left: the incoming domain (unless it runs), the overlay and the
+instance directory; the error says what happened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+from nephele.errors import Conflict, HandoffError, InvalidInput, NepheleError
+from nephele.handoff import channel as ch
+from nephele.handoff import refs as refsmod
+from nephele.handoff.forward import ForwardStats, NbdTap, forward
+from nephele.handoff.memory import MemoryDestination, MemoryStats
+from nephele.handoff.records import HandoffRecord, Records
+from nephele.node import domain as dx
+from nephele.node import images, instances, migrate
+from nephele.node.runtime import NodeContext
+from nephele.node.store import atomic_write_json
+
+PROGRESS_PREFIX = "@handoff "
+CONNECT_TIMEOUT = 120.0  # from ready to the source's memory channel (libvirt Prepare starts QEMU first)
+RESUME_TIMEOUT = 60.0  # from the verified end of the stream to the domain running here
+BLOCK = 4096
+
+
+def emit(ctx: NodeContext, event: str, **data: Any) -> None:
+    ctx.progress(PROGRESS_PREFIX + json.dumps({"event": event, **data}, sort_keys=True))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class _Channels:
+    """What the listener accepted, and the threads serving it."""
+
+    def __init__(self, ctx: NodeContext, mem_port: int, disk_port: int, refs: dict[str, Any]) -> None:
+        self.ctx = ctx
+        self.mem_port = mem_port
+        self.disk_port = disk_port
+        self.refs = refs
+        self.memory: MemoryDestination | None = None
+        self.memory_stats: MemoryStats | None = None
+        self.memory_done = threading.Event()
+        self.forwards: list[tuple[str, ForwardStats]] = []
+        self.disk_tap = NbdTap()
+        self.peers: set[str] = set()
+        self.lock = threading.Lock()
+        self.errors: list[str] = []
+
+    def on_channel(self, acc: ch.Accepted) -> None:
+        self.peers.add(acc.peer)
+        try:
+            if acc.channel == ch.MEMORY:
+                with self.lock:
+                    if self.memory is not None:
+                        acc.sock.close()
+                        self.errors.append("a second memory channel was refused")
+                        return
+                    self.memory = MemoryDestination(
+                        acc.sock,
+                        ("127.0.0.1", self.mem_port),
+                        self.refs,
+                        self.ctx.store.tmp / f"handoff-{os.getpid()}",
+                    )
+                self.memory_stats = self.memory.run()
+                self.memory_done.set()
+            elif acc.channel == ch.DISK:
+                st = ForwardStats()
+                self.forwards.append(("disk", st))
+                local = socket.create_connection(("127.0.0.1", self.disk_port), timeout=10)
+                local.settimeout(None)
+                forward(local, acc.sock, tap_in=self.disk_tap, stats=st)
+            elif acc.channel == ch.CONTROL:
+                st = ForwardStats()
+                self.forwards.append(("control", st))
+                local = socket.socket(socket.AF_UNIX)
+                local.connect(migrate.libvirt_socket(self.ctx.hv.uri))
+                forward(local, acc.sock, stats=st)
+        except OSError as exc:
+            self.errors.append(f"{ch.CHANNEL_NAMES.get(acc.channel)} channel: {exc}")
+            with contextlib.suppress(OSError):
+                acc.sock.close()
+            if acc.channel == ch.MEMORY:
+                self.memory_done.set()
+
+    def wire(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        m = self.memory.stats if self.memory is not None else None
+        if m is not None:
+            out["memory"] = m.wan_in
+        for name, st in self.forwards:
+            out[name] = out.get(name, 0) + st.wan_in
+        return out
+
+
+def _update(rec: HandoffRecord, chans: _Channels) -> None:
+    rec.wire = chans.wire()
+    m = chans.memory.stats if chans.memory is not None else None
+    dec = chans.memory._dec if chans.memory is not None else None  # live decoder counters
+    if m is not None:
+        rec.iteration = m.iteration
+        rec.stream_bytes = m.stream_bytes
+        k = m.delta or (dec.stats if dec is not None else None)
+        if k is not None:
+            mk = k.kind("memory")
+            zeros = mk.zeros + m.zero_records
+            rec.memory = (mk.by_value + mk.by_ref + zeros, mk.by_value, mk.by_ref, zeros)
+            rec.frames = k.frames
+    t = chans.disk_tap
+    rec.disk = (t.write_bytes // BLOCK, (t.write_bytes - t.zero_bytes) // BLOCK, 0, t.zero_bytes // BLOCK)
+
+
+def receive(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
+    try:
+        hid = bytes.fromhex(str(args["handoff_id"]))
+        token = bytes.fromhex(str(args["token"]))
+        inst = dict(args["instance"])
+        uuid = str(inst["uuid"])
+    except (KeyError, ValueError, TypeError) as exc:
+        raise InvalidInput(f"handoff.receive: bad request ({exc})") from None
+    port = int(args.get("port") or 8022)
+    address = str(args.get("address") or "")
+    source_ip = str(args.get("source_ip") or "unknown")
+    hv = ctx.hv
+    if migrate.domain_state(hv, uuid) is not None:
+        raise Conflict(f"instance {inst.get('title')!r} ({uuid}) already exists on this node")
+    image = images.resolve(ctx.store, str(inst["image"]))
+    ports = dx.ports_from_text(",".join(inst.get("ports") or []))
+    instances.check_ports_free(ctx, ports)
+    inst_dir = ctx.store.instance_dir(uuid)
+    disk = inst_dir / "disk.qcow2"
+    if str(disk) != str(inst["disk"]):
+        raise InvalidInput(
+            f"the instance disk is {inst['disk']} on the source but would be {disk} here: both nodes "
+            "need the "
+            "same node root for a live handoff"
+        )
+    if inst_dir.exists():
+        raise Conflict(f"{inst_dir} already exists on this node (a leftover of another handoff?)")
+
+    rec = HandoffRecord(
+        source_ip, str(inst.get("title")), uuid, int(inst["memory_bytes"]), int(inst["disk_size"])
+    )
+    records = Records(ctx.store.logs, rec)
+    listener: ch.HandoffListener | None = None
+    unwatch = None
+    chans: _Channels | None = None
+    mark = migrate.LifecycleMark()
+    ok = False
+    try:
+        ctx.progress("Preparing reference images (base disk and memory)...")
+        refs = refsmod.prepare(ctx.store, image)
+        records.log(f"references: {', '.join(sorted(refs)) or 'none'}")
+        inst_dir.mkdir(parents=True)
+        migrate.create_overlay(disk, image.disk, int(inst["disk_size"]))
+        mem_port, disk_port = free_port(), free_port()
+        listener = ch.HandoffListener(address, port, hid, token)
+        unwatch = migrate.watch_lifecycle(hv, uuid, mark)
+        chans = _Channels(ctx, mem_port, disk_port, refs)
+        threading.Thread(target=listener.accept_loop, args=(chans.on_channel,), daemon=True).start()
+        records.start()
+        records.log(f"listening on port {port}; destination QEMU ports memory {mem_port}, disk {disk_port}")
+        emit(
+            ctx,
+            "ready",
+            memory_port=mem_port,
+            disk_port=disk_port,
+            refs=sorted(refs),
+            pid=os.getpid(),
+            stats=str(records.stats_path),
+            log=str(records.log_path),
+        )
+        t_ready = time.monotonic()
+        while not chans.memory_done.wait(0.5):
+            _update(rec, chans)
+            if chans.memory is None and time.monotonic() - t_ready > CONNECT_TIMEOUT:
+                raise HandoffError(f"the source did not open the memory channel within {CONNECT_TIMEOUT:g} s")
+        _update(rec, chans)
+        ms = chans.memory_stats
+        if ms is None or ms.error or not ms.verified:
+            why = (ms.error if ms is not None else None) or "; ".join(chans.errors) or "no memory stream"
+            raise HandoffError(f"the memory stream failed: {why}")
+        records.log(
+            f"migration stream verified: {ms.stream_bytes} bytes, sha256 {ms.sha256}, "
+            f"{ms.pages} pages, {ms.zero_records} zero records"
+        )
+        deadline = time.monotonic() + RESUME_TIMEOUT
+        while migrate.domain_state(hv, uuid) != "running" or not migrate.is_persistent(hv, uuid):
+            if time.monotonic() > deadline:
+                raise HandoffError(
+                    f"the stream was verified but the domain did not run here within {RESUME_TIMEOUT:g} s "
+                    f"(state: {migrate.domain_state(hv, uuid) or 'gone'})"
+                )
+            time.sleep(0.1)
+        resumed = mark.resumed or time.time()
+        stopped = ms.stopped_at
+        rec.downtime = (resumed - stopped) if stopped is not None else None
+        # The migrated XML carries the source's "being handed off" mark: this copy is the instance now.
+        dom = hv.lookup(uuid)
+        info = hv.info(dom)
+        tags = dict(info.tags)
+        tags.pop("handoff_url", None)
+        hv.set_tags(dom, tags)
+        atomic_write_json(inst_dir / "instance.json", {"uuid": uuid, "name": info.name, **tags})
+        rec.status = "completed"
+        records.log(f"{rec.title} runs here; downtime {rec.downtime if rec.downtime is not None else '?'} s")
+        ok = True
+        _update(rec, chans)
+        return {
+            **rec.to_dict(),
+            "memory": {k: v for k, v in vars(ms).items() if k != "delta"},
+            "refs": sorted(refs),
+            "stats_file": str(records.stats_path),
+            "log_file": str(records.log_path),
+            "peers": sorted(chans.peers),
+            "refused": list(listener.refused),
+        }
+    except BaseException as exc:
+        msg = str(exc) or type(exc).__name__
+        rec.status = f"failed: {msg}"
+        records.log(f"FAILED: {msg}")
+        _cleanup(ctx, uuid, inst_dir, records)
+        if isinstance(exc, NepheleError):
+            raise
+        if isinstance(exc, KeyboardInterrupt):
+            raise HandoffError(f"the destination was interrupted ({exc}); it cleaned up") from None
+        raise
+    finally:
+        if listener is not None:
+            listener.close()
+        if chans is not None:
+            _update(rec, chans)
+        if unwatch is not None:
+            unwatch()
+        if not ok and rec.status == "running":
+            rec.status = "failed"
+        records.stop()
+
+
+def _cleanup(ctx: NodeContext, uuid: str, inst_dir: Any, records: Records) -> None:
+    """Leave nothing of a failed incoming handoff: libvirt normally removes the incoming domain itself
+    (when the migration is cancelled or its control connection closes); give it a moment, then remove
+    whatever is left, but never a domain that runs here."""
+    hv = ctx.hv
+    deadline = time.monotonic() + 30
+    state = migrate.domain_state(hv, uuid)
+    while state is not None and state != "running" and time.monotonic() < deadline:
+        time.sleep(0.5)
+        state = migrate.domain_state(hv, uuid)
+    if state == "running":
+        records.log("the domain runs here although the handoff failed; left as it is")
+        return
+    if state is not None and migrate.remove_domain(hv, uuid):
+        records.log("removed the incoming domain")
+    with contextlib.suppress(OSError):
+        ctx.store.remove_instance_dir(uuid)
+    records.log("cleaned up the instance directory")
+
+
+def cleanup(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
+    """``handoff.cleanup``: remove what a failed incoming handoff of instance uuid left (the controller calls
+    it
+    when the destination's own receive call could not finish, e.g. after its process was killed)."""
+    uuid = str(args.get("uuid") or "")
+    if not uuid:
+        raise InvalidInput("handoff.cleanup: no uuid")
+    state = migrate.domain_state(ctx.hv, uuid)
+    if state == "running":
+        return {"uuid": uuid, "removed": False, "state": "running"}
+    removed = migrate.remove_domain(ctx.hv, uuid) if state is not None else False
+    existed = ctx.store.instance_dir(uuid).exists()
+    ctx.store.remove_instance_dir(uuid)
+    return {"uuid": uuid, "removed": removed or existed, "state": None}

@@ -1,0 +1,45 @@
+"""The agent ops of a live handoff, by wire name (registered next to nephele.node.ops.OPS by the agent).
+
+The implementations are imported when an op runs: they pull in the delta engine (numba), which every
+other agent call would otherwise pay for at start-up."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from nephele.node.runtime import NodeContext
+
+Op = Callable[[NodeContext, dict[str, Any]], Any]
+
+
+def _prepare(ctx: NodeContext, args: dict[str, Any]) -> Any:
+    from nephele.handoff import source
+
+    return source.prepare(ctx, args)
+
+
+def _send(ctx: NodeContext, args: dict[str, Any]) -> Any:
+    from nephele.handoff import source
+
+    return source.send(ctx, args)
+
+
+def _receive(ctx: NodeContext, args: dict[str, Any]) -> Any:
+    from nephele.handoff import dest
+
+    return dest.receive(ctx, args)
+
+
+def _cleanup(ctx: NodeContext, args: dict[str, Any]) -> Any:
+    from nephele.handoff import dest
+
+    return dest.cleanup(ctx, args)
+
+
+HANDOFF_OPS: dict[str, Op] = {
+    "handoff.prepare": _prepare,
+    "handoff.send": _send,
+    "handoff.receive": _receive,
+    "handoff.cleanup": _cleanup,
+}

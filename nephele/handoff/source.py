@@ -1,0 +1,289 @@
+"""The source node's side of a live handoff: agent ops ``handoff.prepare`` and ``handoff.send``.
+
+``send`` opens the three loopback listeners libvirt will use (memory, disk, control), each forwarding to an
+authenticated channel to the destination's handoff port, marks the instance as being handed off (``ps``
+shows HANDOFFURL), starts libvirt's peer-to-peer live migration and reports progress every second
+(``@handoff {"event": "progress", ...}`` lines: bytes, rate, ETA, iteration) until it ends.
+
+Safety: if anything fails (a channel, the destination, the link, verification) the migration is aborted
+(libvirt's abortJob when it does not stop by itself), the source domain is checked to be running again,
+the mark is removed and the error says what happened. The source is released only by libvirt itself
+(UNDEFINE_SOURCE, after the destination's Finish reported the domain running there); then its instance
+directory goes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from nephele.errors import Conflict, HandoffError, InvalidInput, NepheleError
+from nephele.handoff import channel as ch
+from nephele.handoff import refs as refsmod
+from nephele.handoff.forward import ForwardStats, NbdTap, forward
+from nephele.handoff.memory import MemorySource, MemoryStats
+from nephele.node import domain as dx
+from nephele.node import images, instances, migrate
+from nephele.node.runtime import NodeContext
+
+PROGRESS_PREFIX = "@handoff "
+STALL_SECONDS = 60.0  # no byte moved on the memory channel for this long while migrating: abort
+DEFAULT_DOWNTIME_MS = 1000
+
+
+def emit(ctx: NodeContext, event: str, **data: Any) -> None:
+    ctx.progress(PROGRESS_PREFIX + json.dumps({"event": event, **data}, sort_keys=True))
+
+
+def prepare(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
+    """What the destination needs to know about the instance before the handoff starts."""
+    info = instances.select(ctx, args.get("instance"))
+    if info.state != "running":
+        raise Conflict(
+            f"instance {info.tags.get('title')!r} is {info.state}; only a running instance is handed off live"
+        )
+    if info.tags.get("handoff_url"):
+        raise Conflict(
+            f"instance {info.tags.get('title')!r} is already being handed off to {info.tags['handoff_url']}"
+        )
+    disk = dx.disk_path(info.xml)
+    if not disk:
+        raise InvalidInput(f"instance {info.tags.get('title')!r} has no disk")
+    image = images.resolve(ctx.store, info.tags.get("image", ""))
+    return {
+        "uuid": info.uuid,
+        "name": info.name,
+        "title": info.tags.get("title", info.name),
+        "image": image.content_id,
+        "disk": disk,
+        "disk_size": migrate.disk_virtual_size(disk),
+        "memory_bytes": info.memory_kib * 1024,
+        "ports": [str(p) for p in dx.ports_from_text(info.tags.get("ports"))],
+        "tags": info.tags,
+    }
+
+
+class _Proxies:
+    """Loopback listeners on the source node, each connection forwarded to one channel."""
+
+    def __init__(self, dest: tuple[str, int], hid: bytes, token: bytes, refs: dict[str, Path]) -> None:
+        self.dest = dest
+        self.hid = hid
+        self.token = token
+        self.refs = refs
+        self.memory: MemorySource | None = None
+        self.memory_stats: MemoryStats | None = None
+        self.forwards: list[tuple[str, ForwardStats]] = []
+        self.disk_tap = NbdTap()
+        self.errors: list[str] = []
+        self.listeners: list[socket.socket] = []
+        self.closed = threading.Event()
+
+    def listen(self, port: int, serve: Callable[[socket.socket], None]) -> int:
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)  # QEMU's backpressure stays honest
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError as exc:
+            s.close()
+            raise HandoffError(
+                f"cannot listen on 127.0.0.1:{port} on the source node: {exc.strerror}"
+            ) from None
+        s.listen(8)
+        self.listeners.append(s)
+
+        def loop() -> None:
+            while not self.closed.is_set():
+                try:
+                    c, _ = s.accept()
+                except OSError:
+                    return
+                threading.Thread(target=self._guard, args=(serve, c), daemon=True).start()
+
+        threading.Thread(target=loop, daemon=True).start()
+        port_: int = s.getsockname()[1]
+        return port_
+
+    def _guard(self, serve: Callable[[socket.socket], None], c: socket.socket) -> None:
+        try:
+            serve(c)
+        except (NepheleError, OSError) as exc:
+            self.errors.append(str(exc))
+            with contextlib.suppress(OSError):
+                c.close()
+
+    def _connect(self, channel: int) -> socket.socket:
+        return ch.connect_channel(self.dest[0], self.dest[1], self.hid, self.token, channel)
+
+    def serve_memory(self, c: socket.socket) -> None:
+        c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.memory is not None:
+            raise HandoffError("a second memory connection from QEMU (multifd?) was refused")
+        wan = self._connect(ch.MEMORY)
+        wan.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 << 10)
+        self.memory = MemorySource(c, wan, self.refs)
+        self.memory_stats = self.memory.run()
+
+    def serve_disk(self, c: socket.socket) -> None:
+        st = ForwardStats()
+        self.forwards.append(("disk", st))
+        forward(c, self._connect(ch.DISK), tap=self.disk_tap, stats=st)
+        if st.error:
+            self.errors.append(f"disk channel: {st.error}")
+
+    def serve_control(self, c: socket.socket) -> None:
+        st = ForwardStats()
+        self.forwards.append(("control", st))
+        forward(c, self._connect(ch.CONTROL), stats=st)
+
+    def wire_out(self) -> int:
+        n = self.memory.tx.bytes if self.memory is not None else 0
+        return n + sum(st.wan_out for _, st in self.forwards)
+
+    def close(self) -> None:
+        self.closed.set()
+        for s in self.listeners:
+            with contextlib.suppress(OSError):
+                s.close()
+
+
+def send(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
+    try:
+        uuid = str(args["uuid"])
+        dest = (str(args["dest_address"]), int(args["dest_port"]))
+        hid = bytes.fromhex(str(args["handoff_id"]))
+        token = bytes.fromhex(str(args["token"]))
+        mem_port, disk_port = int(args["memory_port"]), int(args["disk_port"])
+        ref_ids = set(args.get("refs") or [])
+    except (KeyError, ValueError, TypeError) as exc:
+        raise InvalidInput(f"handoff.send: bad request ({exc})") from None
+    downtime_ms = int(args.get("downtime_ms") or DEFAULT_DOWNTIME_MS)
+    url = str(args.get("url") or f"tcp://{dest[0]}:{dest[1]}")
+    hv = ctx.hv
+    info = instances.select(ctx, uuid)
+    if info.state != "running":
+        raise Conflict(f"instance {info.tags.get('title')!r} is {info.state}, not running")
+    image = images.resolve(ctx.store, info.tags.get("image", ""))
+    ctx.progress("Preparing reference images (base disk and memory)...")
+    refs = {k: v for k, v in refsmod.prepare(ctx.store, image).items() if k in ref_ids}
+    proxies = _Proxies(dest, hid, token, refs)
+    mark = migrate.LifecycleMark()
+    unwatch = None
+    dom = hv.lookup(uuid)
+    tagged = False
+    mig: migrate.SourceMigration | None = None
+    t0 = time.time()
+    try:
+        proxies.listen(mem_port, proxies.serve_memory)
+        proxies.listen(disk_port, proxies.serve_disk)
+        ctl_port = proxies.listen(0, proxies.serve_control)
+        hv.set_tags(dom, {**info.tags, "handoff_url": url})
+        tagged = True
+
+        def on_stop(when: float) -> None:
+            if proxies.memory is not None:  # the destination needs it for the downtime figure
+                proxies.memory.send_stopped(when)
+
+        unwatch = migrate.watch_lifecycle(hv, uuid, mark, on_stop)
+        mig = migrate.SourceMigration(
+            hv,
+            uuid,
+            control_port=ctl_port,
+            memory_port=mem_port,
+            disk_port=disk_port,
+            downtime_ms=downtime_ms,
+        )
+        mig.start()
+        emit(ctx, "started", url=url, title=info.tags.get("title"), uuid=uuid)
+        last_bytes, last_move, abort_reason = -1, time.monotonic(), None
+        prev_t, prev_wire = time.monotonic(), 0
+        while not mig.done.wait(1.0):
+            js = mig.job()
+            wire = proxies.wire_out()
+            now = time.monotonic()
+            rate = (wire - prev_wire) / max(1e-3, now - prev_t)
+            prev_t, prev_wire = now, wire
+            mem = proxies.memory
+            remaining = int(js.get("memory_remaining", 0) or 0) + int(js.get("disk_remaining", 0) or 0)
+            stream_rate = float(js.get("memory_bps", 0) or 0)
+            emit(
+                ctx,
+                "progress",
+                elapsed=round(time.time() - t0, 1),
+                iteration=(mem.stats.iteration if mem is not None else 0),
+                stream_bytes=(mem.stats.stream_bytes if mem is not None else 0),
+                wire_bytes=wire,
+                rate_bps=round(rate),
+                memory_total=int(js.get("memory_total", 0) or 0),
+                memory_remaining=int(js.get("memory_remaining", 0) or 0),
+                disk_total=int(js.get("disk_total", 0) or 0),
+                disk_remaining=int(js.get("disk_remaining", 0) or 0),
+                eta_s=(round(remaining / stream_rate, 1) if stream_rate > 0 else None),
+                paused=mark.stopped is not None,
+            )
+            moved = mem.stats.stream_bytes if mem is not None else 0
+            if moved != last_bytes:
+                last_bytes, last_move = moved, now
+            if mem is not None and mem.stats.error and abort_reason is None:
+                abort_reason = f"memory channel: {mem.stats.error}"
+                mig.abort()
+            elif proxies.errors and abort_reason is None:
+                abort_reason = proxies.errors[0]
+                mig.abort()
+            elif mem is not None and now - last_move > STALL_SECONDS and abort_reason is None:
+                abort_reason = f"no progress on the memory channel for {STALL_SECONDS:g} s"
+                mig.abort()
+        if mem_ := proxies.memory:
+            mem_.done.wait(30)
+        if mig.error is not None or migrate.domain_state(hv, uuid) == "running":
+            why = abort_reason or (proxies.memory_stats.error if proxies.memory_stats else None)
+            why = why or (proxies.errors[0] if proxies.errors else None)
+            raise HandoffError(
+                f"handoff of {info.tags.get('title')!r} failed: "
+                f"{mig.error or 'the migration did not complete'}" + (f" ({why})" if why else "")
+            )
+        # libvirt undefined the source after the destination's Finish: release what is ours here.
+        ctx.store.remove_instance_dir(uuid)
+        ms = proxies.memory_stats
+        result = {
+            "uuid": uuid,
+            "title": info.tags.get("title"),
+            "url": url,
+            "elapsed_s": round(time.time() - t0, 3),
+            "stopped_at": mark.stopped,
+            "wire_bytes": proxies.wire_out(),
+            "channels": {n: st.wan_out for n, st in proxies.forwards},
+            "memory": {k: v for k, v in vars(ms).items() if k != "delta"} if ms else None,
+            "memory_table": ms.table_stats().to_dict() if ms else None,
+            "disk_writes": {"bytes": proxies.disk_tap.write_bytes, "zero_bytes": proxies.disk_tap.zero_bytes},
+        }
+        emit(ctx, "done", **{k: result[k] for k in ("elapsed_s", "wire_bytes")})
+        return result
+    except BaseException as exc:
+        if mig is not None and not mig.done.is_set():
+            mig.abort()
+            mig.done.wait(120)
+        state = migrate.resume_if_paused(hv, uuid)
+        if tagged and state is not None:
+            with contextlib.suppress(NepheleError):
+                d = hv.lookup(uuid)
+                tags = dict(hv.info(d).tags)
+                tags.pop("handoff_url", None)
+                hv.set_tags(d, tags)
+        emit(ctx, "failed", source_state=state, error=str(exc))
+        if isinstance(exc, KeyboardInterrupt):
+            raise HandoffError(f"the source was interrupted; the instance is {state} here") from None
+        if isinstance(exc, HandoffError):
+            raise HandoffError(f"{exc}; the instance is {state or 'gone'} on the source") from None
+        raise
+    finally:
+        proxies.close()
+        if unwatch is not None:
+            unwatch()

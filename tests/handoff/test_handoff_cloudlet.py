@@ -1,0 +1,168 @@
+"""Live handoff between two cloudlet nodes, end to end through the agents (SSH), libvirt p2p migration
+and nephele's handoff channels; and the faults: a cut link and a killed receiver mid-transfer."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from nephele.cloudlet import Cloudlet
+from nephele.cloudlet.guest import GuestFiles
+from nephele.errors import HandoffError
+from nephele.handoff import perform
+from tests.handoff.cloudlet_setup import agent, build_image, domains, guest_state, spec, wait_guest
+
+pytestmark = pytest.mark.integration
+PORT = 18080
+
+
+@pytest.fixture(scope="module")
+def image(cloudlet: Cloudlet, guest: GuestFiles) -> str:
+    return build_image(cloudlet, guest)
+
+
+@pytest.fixture
+def instance(cloudlet: Cloudlet, image: str) -> Iterator[dict[str, Any]]:
+    a, b = cloudlet.nodes[:2]
+    r = agent(a).call("instance.run", {"snapshot": image, "title": "web-1", "ports": f"{PORT}:80"})
+    try:
+        yield r
+    finally:
+        for n in (a, b):
+            for i in agent(n).call("instance.ls"):
+                if i["uuid"] == r["uuid"]:
+                    agent(n).call("instance.rm", {"instance": i["uuid"]})
+
+
+def leftovers(cloudlet: Cloudlet, uuid: str) -> list[str]:
+    b = cloudlet.nodes[1]
+    out = [f"domain {uuid}" for d in domains(b) if d == uuid]
+    if (b.host_root / "instances" / uuid).exists():
+        out.append(f"instance dir {uuid}")
+    return out
+
+
+def test_live_handoff_moves_a_running_guest(cloudlet: Cloudlet, instance: dict[str, Any]) -> None:
+    a, b = cloudlet.nodes[:2]
+    cloudlet.set_link(200)
+    try:
+        before = wait_guest(a, PORT)
+        events: list[dict[str, Any]] = []
+        res = perform(agent(a), agent(b), "web-1", spec(b), events.append, source_address=a.address)
+        after = wait_guest(b, PORT)
+        assert after["fill_md5"] == before["fill_md5"]  # guest RAM survived
+        assert int(after["counter"]) > int(before["counter"])  # and it kept running
+        state1 = guest_state(b, PORT, "/cgi-bin/state")
+        time.sleep(2.5)
+        state2 = guest_state(b, PORT, "/cgi-bin/state")
+        assert int(state2["counter"]) > int(state1["counter"])
+        assert int(state2["disk_counter"]) > int(state1["disk_counter"])  # its disk works on B
+        # the source is released, the destination holds a persistent instance without the handoff mark
+        assert [i for i in agent(a).call("instance.ls") if i["uuid"] == instance["uuid"]] == []
+        (on_b,) = [i for i in agent(b).call("instance.ls") if i["uuid"] == instance["uuid"]]
+        assert on_b["state"] == "running" and on_b["handoff_url"] is None and on_b["ports"] == [f"{PORT}:80"]
+        assert not (a.host_root / "instances" / instance["uuid"]).exists()
+        d = res.destination
+        assert d["memory"]["verified"] and d["memory"]["sha256"] == res.source["memory"]["sha256"]
+        assert res.downtime_s is not None and 0 < res.downtime_s < 10
+        assert any(e.get("event") == "progress" for e in events)
+        stats = b.host_root / "logs" / os.path.basename(d["stats_file"])
+        text = stats.read_text()
+        for word in (
+            "Iterations:",
+            "Elapsed Time:",
+            "Total MBytes Received over wire",
+            "Downtime:",
+            "DIRTIED",
+        ):
+            assert word in text
+        assert "MEMORY" in text and "DISK" in text and "Status: completed" in text
+        assert (b.host_root / "logs" / os.path.basename(d["log_file"])).is_file()
+        assert res.source["memory"]["wan_out"] < res.source["memory"]["stream_bytes"]
+    finally:
+        cloudlet.set_link(20)
+
+
+def _run_async(
+    a: Any, b: Any, cloudlet: Cloudlet
+) -> tuple[threading.Thread, dict[str, Any], list[dict[str, Any]]]:
+    out: dict[str, Any] = {}
+    events: list[dict[str, Any]] = []
+
+    def run() -> None:
+        try:
+            out["r"] = perform(agent(a), agent(b), "web-1", spec(b), events.append, source_address=a.address)
+        except BaseException as e:
+            out["e"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, out, events
+
+
+def _wait_transfer(events: list[dict[str, Any]], t: threading.Thread, min_bytes: int) -> None:
+    deadline = time.monotonic() + 120
+    while True:
+        prog = [e for e in events if e.get("event") == "progress" and e.get("side") == "source"]
+        if prog and prog[-1]["wire_bytes"] > min_bytes and not prog[-1]["paused"]:
+            return
+        assert t.is_alive(), "the handoff ended before the fault was injected"
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+
+
+def _check_source_intact(cloudlet: Cloudlet, instance: dict[str, Any], before: dict[str, str]) -> None:
+    a = cloudlet.nodes[0]
+    (on_a,) = [i for i in agent(a).call("instance.ls") if i["uuid"] == instance["uuid"]]
+    assert on_a["state"] == "running" and on_a["handoff_url"] is None
+    now = wait_guest(a, PORT)
+    assert now["fill_md5"] == before["fill_md5"]
+    assert int(now["counter"]) > int(before["counter"])
+
+
+def test_cut_link_mid_transfer_leaves_the_vm_running_on_the_source(
+    cloudlet: Cloudlet, instance: dict[str, Any]
+) -> None:
+    a, b = cloudlet.nodes[:2]
+    before = wait_guest(a, PORT)
+    t, out, events = _run_async(a, b, cloudlet)
+    try:
+        _wait_transfer(events, t, 2 << 20)
+        cloudlet.cut_link(b.name)
+        deadline = time.monotonic() + 150
+        while not any(e.get("event") == "failed" for e in events):
+            assert time.monotonic() < deadline, "the source never gave up on the cut link"
+            time.sleep(0.5)
+    finally:
+        cloudlet.restore_link(b.name)
+    t.join(200)
+    assert not t.is_alive()
+    assert isinstance(out.get("e"), HandoffError), out
+    _check_source_intact(cloudlet, instance, before)
+    deadline = time.monotonic() + 60
+    while leftovers(cloudlet, instance["uuid"]):
+        assert time.monotonic() < deadline, leftovers(cloudlet, instance["uuid"])
+        time.sleep(1)
+
+
+def test_killed_receiver_mid_transfer_leaves_the_vm_running_on_the_source(
+    cloudlet: Cloudlet, instance: dict[str, Any]
+) -> None:
+    a, b = cloudlet.nodes[:2]
+    before = wait_guest(a, PORT)
+    t, out, events = _run_async(a, b, cloudlet)
+    _wait_transfer(events, t, 2 << 20)
+    (ready,) = [e for e in events if e.get("event") == "ready"]
+    os.kill(int(ready["pid"]), signal.SIGKILL)
+    t.join(200)
+    assert not t.is_alive()
+    err = out.get("e")
+    assert isinstance(err, HandoffError), out
+    _check_source_intact(cloudlet, instance, before)
+    assert leftovers(cloudlet, instance["uuid"]) == []
