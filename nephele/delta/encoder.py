@@ -23,7 +23,8 @@ from nephele.delta.index import BLOCK, RefSet, image_digest, nblocks_of, read_fu
 from nephele.delta.stats import StreamStats
 from nephele.errors import DeltaError
 
-CHUNK_BLOCKS = 4096  # encode_files streams each image in 16 MiB chunks through two reused buffer pairs
+CHUNK_BLOCKS = 1024  # encode_files reads 4 MiB chunks (target and base) into two reused buffer pairs,
+# small enough to still be in cache when the classifier reads them (half the kernel time of 16 MiB chunks)
 MAX_ENTRIES = 1 << 16  # entries per BLOCKS frame
 # Values per BLOCKS frame: 256 KiB compresses as well as 64 KiB with lz4 (and zstd) on VM-like data and
 # quarters the per-frame costs on both ends (measured with bench/delta_kernels.py).
