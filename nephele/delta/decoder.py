@@ -549,6 +549,8 @@ class Decoder:
             )
         if n == 0:
             self._corrupt("empty BLOCKS frame")
+        if n > W.MAX_ENTRIES:
+            self._corrupt(f"BLOCKS frame with {n} entries (at most {W.MAX_ENTRIES})")
         p = W.BLOCKS_HEAD.size
         deltas = np.frombuffer(raw, "<i8", n, p)
         p += 8 * n

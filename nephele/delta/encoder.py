@@ -25,7 +25,7 @@ from nephele.errors import DeltaError
 
 CHUNK_BLOCKS = 1024  # encode_files reads 4 MiB chunks (target and base) into two reused buffer pairs,
 # small enough to still be in cache when the classifier reads them (half the kernel time of 16 MiB chunks)
-MAX_ENTRIES = 1 << 16  # entries per BLOCKS frame
+MAX_ENTRIES = 4096  # entries per BLOCKS frame (at most W.MAX_ENTRIES): bounds the receiver's memory per frame
 # Values per BLOCKS frame: 256 KiB compresses as well as 64 KiB with lz4 (and zstd) on VM-like data and
 # quarters the per-frame costs on both ends (measured with bench/delta_kernels.py).
 DEFAULT_BATCH = 64

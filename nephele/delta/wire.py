@@ -24,8 +24,9 @@ A BLOCKS payload (after decompression) is::
     i64 arg[nargs]         for each REF entry ref<<40|block, for each STREAM entry target<<40|block, in order
     u8  value[nval][4096]  for each RAW entry its bytes, for each XOR entry its bytes XOR the base block
 
-Entries of one frame name distinct blocks. A receiver applies every non-STREAM entry of a frame, then the
-STREAM entries (copies of what it holds now), so a frame decodes as soon as it has arrived.
+A frame has 1 to MAX_ENTRIES (16384) entries, naming distinct blocks. A receiver applies every
+non-STREAM entry of a frame, then the STREAM entries (copies of what it holds now), so a frame decodes as
+soon as it has arrived.
 
 The digest of an image (a reference's content id, and each target's verification hash in END) is
 ``index.image_digest``: SHA-256 over the image size and the nph128 hash of every block. Both ends keep the
@@ -60,6 +61,7 @@ MAX_TARGETS = 0xFFFE
 MAX_RAW = 64 << 20
 MAX_STORED = MAX_RAW + (1 << 20)  # lz4/zstd worst-case expansion of MAX_RAW fits
 MAX_JSON = 1 << 20
+MAX_ENTRIES = 16384  # entries per BLOCKS frame (the receiver rebuilds at most 64 MiB per frame)
 
 FRAME_HEAD = struct.Struct("<BBHIII")
 CHECK = struct.Struct("<Q")

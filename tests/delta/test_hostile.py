@@ -186,6 +186,7 @@ def blocks_payload(blocks: list[int], ops: list[int], args: list[int], values: i
         (blocks_payload([1], [K.ZERO], [])[:-1], "does not match its counts"),
         (blocks_payload([1], [K.ZERO], []) + b"\0", "does not match its counts"),
         (W.BLOCKS_HEAD.pack(0, 0, 0, 0), "empty"),
+        (blocks_payload(list(range(W.MAX_ENTRIES + 1)), [K.ZERO] * (W.MAX_ENTRIES + 1), []), "at most"),
         (b"\1\0", "too short"),
     ],
 )
