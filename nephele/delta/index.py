@@ -175,6 +175,7 @@ class BlockIndex:
             return  # read-only directory: keep the index in memory only
         try:
             with os.fdopen(fd, "wb") as f:
+                os.fchmod(fd, os.stat(self.path).st_mode & 0o666)  # as readable as the image, no more
                 f.write(head)
                 f.write(np.ascontiguousarray(self.hashes, dtype="<u8").tobytes())
             os.replace(tmp, p)
