@@ -144,9 +144,28 @@ def _snapshots(agent: Agent, args: argparse.Namespace) -> int:
 def _snapshot_build(agent: Agent, args: argparse.Namespace) -> int:
     r = agent.call(
         "snapshot.build",
-        {"image": args.id, "dest": args.dest, "title": args.title, "disk_only": args.disk_only},
+        {
+            "image": args.id,
+            "dest": args.dest,
+            "title": args.title,
+            "disk_only": args.disk_only,
+            "timeout": args.wait,
+        },
     )
-    print(f"Created snapshot {r['name']} of image {r['image'][:12]}")
+    print(f"Created snapshot {r['name']} ({r['id']}) of image {r['image'][:12]}")
+    print(f"Delta: {r['delta_bytes']} bytes")
+    return 0
+
+
+def _snapshot_export(agent: Agent, args: argparse.Namespace) -> int:
+    r = agent.call("snapshot.export", {"name": args.path, "dest": args.dest})
+    print(f"Exported snapshot {r['name']} ({r['id']}) to {r['file']} ({r['file_bytes']} bytes)")
+    return 0
+
+
+def _snapshot_import(agent: Agent, args: argparse.Namespace) -> int:
+    r = agent.call("snapshot.import", {"path": args.path})
+    print(f"Successfully imported snapshot ({r['name']}, {r['id']}) of image {r['image'][:12]}.")
     return 0
 
 
@@ -258,8 +277,16 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("-m", "--free-mem", action="store_true", help="Extract free memory (default=False)")
     sb.add_argument("-n", "--no-trim", action="store_true", help="Disable TRIM support (default=False)")
     sb.add_argument("-z", "--zip", default=True, action="store_true", help="Package into one zip (default)")
+    sb.add_argument("--wait", type=float, help="give up if the VM is not paused within S seconds")
     sb.set_defaults(func=_snapshot_build)
     ssub.add_parser("ls", help="List snapshots known to nephele").set_defaults(func=_snapshots)
+    sx = ssub.add_parser("export", help="Export a snapshot into one zip file")
+    sx.add_argument("path", help="the snapshot (name or ID)")
+    sx.add_argument("dest", help="destination zip file (on the node)")
+    sx.set_defaults(func=_snapshot_export)
+    si = ssub.add_parser("import", help="Import a snapshot from a zip file (its image must be present)")
+    si.add_argument("path", help="an exported snapshot zip (on the node)")
+    si.set_defaults(func=_snapshot_import)
     srm = ssub.add_parser("rm", help="Remove a snapshot from nephele")
     srm.add_argument("path", help="Path of snapshot to remove")
     srm.set_defaults(func=_snapshot_rm)

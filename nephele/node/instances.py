@@ -16,12 +16,13 @@ import socket
 import subprocess
 import uuid as uuidlib
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from nephele.errors import Conflict, InvalidInput, NodeError, NotFound
 from nephele.model import PortMap
 from nephele.node import domain as dx
-from nephele.node import images
+from nephele.node import images, snapshots
 from nephele.node.hypervisor import DomainInfo, qemu_pid
 from nephele.node.runtime import NodeContext
 from nephele.node.store import atomic_write_json
@@ -141,35 +142,38 @@ def run(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
     ports = parse_ports(args.get("ports"))
     disk_only = bool(args.get("disk_only"))
     with ctx.store.lock("run"):
-        image = images.resolve(ctx.store, ref)
+        snap: tuple[Any, dict[str, Any]] | None = None
+        try:
+            snap = snapshots.resolve(ctx.store, ref)
+            image = images.resolve(ctx.store, snap[1]["image"])
+        except NotFound:
+            image = images.resolve(ctx.store, ref)
         check_ports_free(ctx, ports)
         uuid = str(uuidlib.uuid4())
         name = f"nephele-{uuid.replace('-', '')[:12]}"
         inst_dir = ctx.store.instance_dir(uuid)
         inst_dir.mkdir(parents=True)
-        started = _now()
         tags = {
             "role": "instance",
             "title": title,
             "image": image.content_id,
-            "snapshot": ref,
+            "snapshot": snap[1]["name"] if snap else ref,
             "ports": dx.ports_to_text(ports),
-            "started": started,
+            "started": _now(),
             "prune": "false" if args.get("prune") is False else "true",
         }
         if args.get("manifest"):
             tags["manifest"] = str(args["manifest"])
-        try:
-            disk = inst_dir / "disk.qcow2"
-            _overlay(image.disk, disk)
-            boot = image.meta.get("boot") or {}
-            xml = dx.rewrite_for_instance(
-                ctx.hv.saved_xml(image.memory),
+        boot = image.meta.get("boot") or {}
+
+        def xml_for(saved_xml: str, disk: Path, disk_format: str) -> str:
+            return dx.rewrite_for_instance(
+                saved_xml,
                 name=name,
                 uuid=uuid,
                 title=title,
                 disk=str(disk),
-                disk_format="qcow2",
+                disk_format=disk_format,
                 serial_log=str(inst_dir / "serial.log"),
                 ports=ports,
                 forward_address=ctx.forward_address,
@@ -177,16 +181,33 @@ def run(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
                 kernel=str(image.path / "kernel") if boot.get("kernel") else None,
                 initrd=str(image.path / "initrd") if boot.get("initrd") else None,
             )
+
+        try:
             atomic_write_json(
                 inst_dir / "instance.json", {"uuid": uuid, "name": name, "image": image.content_id, **tags}
             )
-            if disk_only:
-                dom = ctx.hv.create(xml, f"instance {title!r}")  # cold boot of the image's disk
+            restore_file: Path | None = None
+            if snap is not None:
+                disk = inst_dir / "disk.raw"
+                ctx.progress(f"Rebuilding snapshot {snap[1]['name']} against image {image.short_id}...")
+                made = snapshots.materialise(
+                    ctx, snap[0], snap[1], inst_dir, lambda saved: xml_for(saved, disk, "raw")
+                )
+                if not (disk_only or snap[1].get("disk_only")):
+                    restore_file = made
+                xml = xml_for(ctx.hv.saved_xml(image.memory), disk, "raw")
             else:
-                # libvirt will not restore a save image under another UUID: restore a copy whose
-                # header carries this instance's XML, then drop it (QEMU has read it all).
-                restore_file = inst_dir / "memory.restore"
-                replace_xml(image.memory, xml, out=restore_file)
+                disk = inst_dir / "disk.qcow2"
+                _overlay(image.disk, disk)
+                xml = xml_for(ctx.hv.saved_xml(image.memory), disk, "qcow2")
+                if not disk_only:
+                    # libvirt will not restore a save image under another UUID: restore a copy whose
+                    # header carries this instance's XML, then drop it (QEMU has read it all).
+                    restore_file = inst_dir / "memory.restore"
+                    replace_xml(image.memory, xml, out=restore_file)
+            if restore_file is None:
+                dom = ctx.hv.create(xml, f"instance {title!r}")  # cold boot of the disk
+            else:
                 try:
                     ctx.hv.restore(restore_file, None, running=True)
                 finally:

@@ -11,9 +11,10 @@ from nephele.model import (
     Observed,
     ObservedImage,
     ObservedInstance,
+    ObservedSnapshot,
     PortMap,
 )
-from nephele.node import instances
+from nephele.node import instances, snapshots
 from nephele.node.runtime import NodeContext
 
 
@@ -32,6 +33,12 @@ def node_observation(ctx: NodeContext, node: str) -> NodeObservation:
             disk_bytes=rec.size_of("disk.raw"),
             memory_bytes=rec.size_of("memory.save"),
         )
+    snaps: dict[str, ObservedSnapshot] = {}
+    for sn in snapshots.ls(ctx, {}):
+        key = _unique(sn["name"], snaps, sn["id"])
+        snaps[key] = ObservedSnapshot(
+            name=key, image=sn["image_name"], content_id=sn["content_id"], delta_bytes=sn["delta_bytes"]
+        )
     insts: dict[str, ObservedInstance] = {}
     for r in instances.ps(ctx, {}):
         key = _unique(r["title"], insts, r["uuid"][:8])
@@ -47,7 +54,7 @@ def node_observation(ctx: NodeContext, node: str) -> NodeObservation:
             memory_bytes=r["memory_bytes"],
             prune=r["prune"],
         )
-    return NodeObservation(node=node, images=imgs, snapshots={}, instances=insts)
+    return NodeObservation(node=node, images=imgs, snapshots=snaps, instances=insts)
 
 
 def observe(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from nephele import __version__
-from nephele.node import images, instances, observe
+from nephele.node import images, instances, observe, snapshots
 from nephele.node.runtime import NodeContext
 
 Op = Callable[[NodeContext, dict[str, Any]], Any]
@@ -48,6 +48,11 @@ OPS: dict[str, Op] = {
     "image.export": images.export,
     "image.import": images.import_,
     "image.rm": images.rm,
+    "snapshot.build": snapshots.build,
+    "snapshot.ls": snapshots.ls,
+    "snapshot.rm": snapshots.rm,
+    "snapshot.export": snapshots.export,
+    "snapshot.import": snapshots.import_,
     "instance.run": instances.run,
     "instance.ls": instances.ps,
     "instance.stop": instances.stop,

@@ -151,6 +151,7 @@ class Store:
         self.logs = self.root / "logs"
         self.tmp = self.root / "tmp"
         self.log_file = self.root / "nephele.log"
+        self._lock_depth = 0
 
     def ensure(self) -> Store:
         for d in (self.images, self.snapshots, self.instances, self.logs, self.tmp):
@@ -161,7 +162,15 @@ class Store:
 
     @contextlib.contextmanager
     def lock(self, what: str = "node", *, wait: bool = True) -> Iterator[None]:
-        """An exclusive lock on the node's store (one mutating op at a time; readers need none)."""
+        """An exclusive lock on the node's store (one mutating op at a time; readers need none).
+        Re-entrant within this Store: a second flock on a new descriptor would wait for ourselves."""
+        if self._lock_depth:
+            self._lock_depth += 1
+            try:
+                yield
+            finally:
+                self._lock_depth -= 1
+            return
         self.ensure()
         with open(self.root / ".lock", "a+") as f:
             flags = fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB)
@@ -169,9 +178,11 @@ class Store:
                 fcntl.flock(f.fileno(), flags)
             except BlockingIOError:
                 raise Conflict(f"{self.root} is locked by another nephele operation ({what})") from None
+            self._lock_depth = 1
             try:
                 yield
             finally:
+                self._lock_depth = 0
                 fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
     @contextlib.contextmanager

@@ -8,6 +8,7 @@ every test of this module; at most two VMs run at a time.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import threading
@@ -182,6 +183,55 @@ def exported(
     t0 = time.monotonic()
     aa.transport.get_file(exp["file"], local)
     return Exported(exp, local, time.monotonic() - t0)
+
+
+@dataclass
+class Snap:
+    result: dict[str, Any]
+    counter_at_pause: int
+
+
+@pytest.fixture(scope="module")
+def snapshot_a(built: Built, nodes: tuple[CloudletNode, CloudletNode], agents: tuple[Agent, Agent]) -> Snap:
+    """A snapshot built on edge-a: the image is resumed, runs a few seconds, and the test pauses it."""
+    node, agent = nodes[0], agents[0]
+    progress: list[str] = []
+    outcome: dict[str, Any] = {}
+
+    def build() -> None:
+        try:
+            outcome["result"] = agent.call(
+                "snapshot.build",
+                {"image": built.image["id"], "dest": "web", "timeout": 240},
+                progress=progress.append,
+            )
+        except Exception as exc:
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=build, daemon=True)
+    worker.start()
+    conn = libvirt.open(node.libvirt_uri)
+    try:
+
+        def snap_domain() -> Any:
+            if "error" in outcome:
+                raise outcome["error"]
+            for d in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
+                if d.name().startswith("nephele-snap-"):
+                    return d
+            return None
+
+        dom = wait_for(snap_domain, 120, "the snapshot VM")
+        time.sleep(4)  # the workload keeps counting: the snapshot differs from the image
+        dom.suspend()
+    finally:
+        conn.close()
+    worker.join(240)
+    assert not worker.is_alive()
+    if "error" in outcome:
+        raise outcome["error"]
+    assert any("pause it when finished modifying" in line for line in progress)
+    return Snap(outcome["result"], 0)
 
 
 def instances_on(agent: Agent) -> list[dict[str, Any]]:
@@ -381,6 +431,62 @@ def test_bad_input_is_a_clear_error_and_changes_nothing(
     assert list((b.host_root / "tmp").iterdir()) == []
     bad.unlink()
     assert aa.call("observe") == before_a
+
+
+def test_snapshot_build_run_export_import(
+    built: Built,
+    snapshot_a: Snap,
+    nodes: tuple[CloudletNode, CloudletNode],
+    agents: tuple[Agent, Agent],
+    exported: Exported,
+) -> None:
+    (a, b), (aa, ab) = nodes, agents
+    snap = snapshot_a.result
+    assert snap["name"] == "web" and snap["image"] == built.image["content_id"]
+    # A flat delta against the image: far smaller than the memory state it rebuilds.
+    assert 0 < snap["delta_bytes"] < built.image["memory_bytes"] // 4
+    assert [s["name"] for s in aa.call("snapshot.ls")] == ["web"]
+    obs = aa.call("observe")
+    assert obs["snapshots"]["web"] == {
+        "image": "tiny", "content_id": snap["content_id"], "delta_bytes": snap["delta_bytes"],
+    }  # fmt: skip
+    with pytest.raises(RemoteError) as ei:
+        aa.call("image.rm", {"id": built.image["id"]})
+    assert ei.value.kind == "conflict" and "web" in str(ei.value) and "-f" in str(ei.value)
+
+    r = aa.call("instance.run", {"snapshot": "web", "title": "from-snap", "ports": "18084:80"})
+    try:
+        body = wait_for(
+            lambda: _try_http(f"http://{a.address}:18084/cgi-bin/state"), 30, "HTTP from snapshot"
+        )
+        # It resumes where the snapshot was paused: later than the image's capture point.
+        assert float(parse_state(body)["uptime"]) >= built.ready_uptime + 3
+        assert aa.call("instance.ls")[0]["snapshot"] == "web"
+    finally:
+        aa.call("instance.rm", {"instance": r["uuid"]})
+
+    # To node B: the image first (the snapshot is a delta against it), then the small snapshot zip.
+    exp = aa.call("snapshot.export", {"name": "web", "dest": f"{a.root}/inbox/web.zip"})
+    shutil.copyfile(exported.local, b.host_root / "tiny.zip")  # the SSH copy is tested above
+    with pytest.raises(RemoteError) as ei:
+        zip_on_b = f"{b.root}/web.zip"
+        (b.host_root / "web.zip").write_bytes(on_host(a, exp["file"]).read_bytes())
+        ab.call("snapshot.import", {"path": zip_on_b})
+    assert ei.value.kind == "not_found" and "import the image first" in str(ei.value)
+    ab.call("image.import", {"path": f"{b.root}/tiny.zip"})
+    imp = ab.call("snapshot.import", {"path": zip_on_b})
+    assert imp["content_id"] == snap["content_id"]
+    rb = ab.call("instance.run", {"snapshot": "web", "title": "snap-on-b", "ports": "18085:80"})
+    try:
+        body = wait_for(
+            lambda: _try_http(f"http://{b.address}:18085/cgi-bin/state"), 30, "HTTP from snapshot on B"
+        )
+        assert float(parse_state(body)["uptime"]) >= built.ready_uptime + 3
+    finally:
+        ab.call("instance.rm", {"instance": rb["uuid"]})
+    ab.call("snapshot.rm", {"path": "web"})
+    ab.call("image.rm", {"id": built.image["id"]})
+    assert ab.call("snapshot.ls") == [] and ab.call("image.ls") == []
 
 
 def test_nephele_client_over_ssh_with_cloudlet_inventory(

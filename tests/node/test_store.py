@@ -127,3 +127,11 @@ def test_lock_without_wait_reports_conflict(tmp_path: Path) -> None:
         proc.wait()
     with store.lock("mine", wait=False):
         pass
+
+
+def test_lock_is_reentrant_within_one_store(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    with store.lock("outer"), store.lock("inner", wait=False):
+        pass
+    with store.lock("again", wait=False):
+        pass
