@@ -118,7 +118,7 @@ class Controller:
             raw=raw,
             desired=desired,
             directory=statedir.state_dir(path, desired.name),
-            factory=factory or default_factory(timeout),
+            factory=factory or default_factory(min(10.0, timeout)),
             timeout=timeout,
         )
 

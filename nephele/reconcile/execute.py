@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from nephele.agent import Agent, AgentTransport
-from nephele.errors import NepheleError, PlanError
+from nephele.errors import NepheleError, NodeUnreachable, PlanError
 from nephele.model import Desired, InstanceState, NodeObservation, Observed, PortMap
 from nephele.reconcile.actions import BUCKET, BUCKETS, Action, ActionKind, Plan
 from nephele.reconcile.inventory import InventoryStore
@@ -75,7 +75,7 @@ class ApplyOptions:
     retries: int = 4  # extra attempts after a temporary error
     backoff_initial: float = 1.0
     backoff_max: float = 30.0
-    call_timeout: float | None = None  # per agent call; None: the transport's own
+    call_timeout: float | None = 1800.0  # per changing call (not handoffs); None: no limit
     observe_timeout: float = 30.0
 
 
@@ -227,7 +227,19 @@ class _Runner:
         self.say = say
 
     def call(self, node: str, op: str, args: Mapping[str, Any], progress: EventFn | None = None) -> Any:
-        return Agent(self.transports(node)).call(op, args, timeout=self.opts.call_timeout, progress=progress)
+        """A call that changes the node. A timeout is not retried: the op may still be running there,
+        and a second `instance.run` would start a second VM. The next apply re-observes and goes on."""
+        try:
+            return Agent(self.transports(node)).call(
+                op, args, timeout=self.opts.call_timeout, progress=progress
+            )
+        except NodeUnreachable as exc:
+            if "did not answer within" in str(exc):
+                raise ActionFailed(
+                    f"{exc}; {op} may still be running on {node}, so it is not retried "
+                    "(run nephele apply again to re-check and go on)"
+                ) from exc
+            raise
 
     def observe_nodes(self, a: Action) -> Observed:
         nodes = {a.node, *([a.source_node] if a.source_node else []), *(p.node for p in a.preconditions)}
@@ -399,7 +411,7 @@ class _Runner:
                 ports=a.ports,
                 manifest=self.d.name,
                 progress=progress,
-                timeout=self.opts.call_timeout,
+                timeout=None,  # a handoff over a slow link takes as long as it takes
             )
         )
 

@@ -32,13 +32,15 @@ def utc_now() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def default_factory(timeout: float | None = None) -> TransportFactory:
-    """SSH for a node with an address, a local subprocess for `address: local`."""
+def default_factory(connect_timeout: float = 10.0) -> TransportFactory:
+    """SSH for a node with an address, a local subprocess for `address: local`. No default command
+    timeout: observation passes its own per call, and actions (an image import, a handoff) take as
+    long as they take; a node that stops answering ends the SSH session instead."""
 
     def make(spec: NodeSpec) -> AgentTransport:
         from nephele.agent.nodes import transport_for_node  # loads fabric only when a node needs it
 
-        return transport_for_node(spec, connect_timeout=min(10.0, timeout or 10.0), timeout=timeout)
+        return transport_for_node(spec, connect_timeout=connect_timeout, timeout=None)
 
     return make
 

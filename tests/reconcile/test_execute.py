@@ -463,3 +463,16 @@ def test_leftover_snapshot_and_image_are_pruned_in_order(tmp_path: Path) -> None
     assert fc.nodes["edge-b"].snapshots == {} and fc.nodes["edge-b"].images == {}
     assert fc.nodes["edge-a"].snapshots and fc.nodes["edge-a"].images
     assert [op for n, op in fc.mutations()] == ["snapshot.rm", "image.rm"]
+
+
+def test_a_timed_out_change_is_not_retried(tmp_path: Path) -> None:
+    d = two_nodes(tmp_path)
+    fc = FakeCloudlet("edge-a", "edge-b")
+    fc.faults[("edge-a", "instance.run")] = [
+        NodeUnreachable("the agent did not answer within 1800 s", node="edge-a")
+    ]
+    sleeps: list[float] = []
+    result, _ = run(d, fc, make_plan(d, fc), tmp_path, sleeps=sleeps)
+    r = next(r for r in result.results if r.action.id == "start_instance:instance/web-1")
+    assert r.status is Status.FAILED and r.attempts == 1 and sleeps == []
+    assert r.error and "may still be running on edge-a, so it is not retried" in r.error

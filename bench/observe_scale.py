@@ -1,0 +1,99 @@
+#!/usr/bin/env python3
+"""How observation scales with the number of nodes: the controller asks 1, 4 and 8 nodes of a local
+cloudlet (no VMs) for their state over SSH, all at once, and times it.
+
+Two timings per size, each the median of --repeat runs:
+  cold   a fresh SSH connection to every node, then `observe` (what one `nephele plan` pays)
+  warm   connections already open, `observe` only (what a long-running controller pays)
+
+Target (issue 6): 8 nodes within 2 x the time of 1 (parallel fan-out, not one node after another).
+Needs root (network namespaces, libvirtd, sshd per node), like the integration tests.
+
+    python bench/observe_scale.py [--sizes 1,4,8] [--repeat 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from nephele.agent.nodes import transport_for_node
+from nephele.cloudlet import Cloudlet, reap_orphans
+from nephele.model import Desired
+from nephele.reconcile.observe import TransportPool, observe
+
+WORKDIR = Path(tempfile.gettempdir()) / "nephele-bench-cloudlets"
+
+
+def desired_for(c: Cloudlet, n: int) -> Desired:
+    specs = c.node_specs()[:n]
+    return Desired(name="bench", nodes={s.name: s for s in specs}, images={}, snapshots={}, instances={})
+
+
+def timed_observe(d: Desired, pool: TransportPool) -> float:
+    t0 = time.perf_counter()
+    obs = observe(d, pool, timeout=60)
+    elapsed = time.perf_counter() - t0
+    dark = [n for n, o in obs.nodes.items() if not o.reachable]
+    if dark:
+        raise SystemExit(f"nodes did not answer: {', '.join(f'{n}: {obs.nodes[n].error}' for n in dark)}")
+    return elapsed
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="1,4,8", help="node counts (default 1,4,8)")
+    ap.add_argument("--repeat", type=int, default=5, help="runs per size and mode (median reported)")
+    args = ap.parse_args()
+    sizes = sorted({int(x) for x in args.sizes.split(",")})
+    if os.geteuid() != 0:
+        print("observe_scale: needs root (it starts a local cloudlet)", file=sys.stderr)
+        return 1
+    reap_orphans(WORKDIR)
+    t0 = time.perf_counter()
+    c = Cloudlet.up(f"ob{os.getpid() % 100000}", max(sizes), rate_mbit=1000, delay_ms=0, workdir=WORKDIR)
+    up_s = time.perf_counter() - t0
+    rows: list[tuple[int, float, float]] = []
+    try:
+
+        def factory(spec):  # type: ignore[no-untyped-def]
+            return transport_for_node(spec, known_hosts=str(c.nodes[0].known_hosts), timeout=60)
+
+        # One untimed round so every node's disk cache holds the agent's code (first runs read it).
+        timed_observe(desired_for(c, max(sizes)), TransportPool(desired_for(c, max(sizes)), factory))
+        for n in sizes:
+            d = desired_for(c, n)
+            cold, warm = [], []
+            for _ in range(args.repeat):
+                pool = TransportPool(d, factory)
+                cold.append(timed_observe(d, pool))
+                warm.append(timed_observe(d, pool))
+                pool.close()
+            rows.append((n, statistics.median(cold), statistics.median(warm)))
+    finally:
+        c.down()
+    print(
+        f"cloudlet of {max(sizes)} nodes up in {up_s:.1f} s; {os.cpu_count()} CPU(s); median of {args.repeat}"
+    )
+    print()
+    print(f"{'nodes':>5}  {'cold (connect+observe)':>22}  {'warm (observe)':>14}")
+    for n, cold_s, warm_s in rows:
+        print(f"{n:>5}  {cold_s:>20.3f} s  {warm_s:>12.3f} s")
+    base = {r[0]: r for r in rows}
+    lo, hi = min(sizes), max(sizes)
+    cold_ratio = base[hi][1] / base[lo][1]
+    warm_ratio = base[hi][2] / base[lo][2]
+    print()
+    print(f"ratio {hi} nodes / {lo} node: cold {cold_ratio:.2f}, warm {warm_ratio:.2f} (target <= 2)")
+    ok = cold_ratio <= 2 and warm_ratio <= 2
+    print("target met" if ok else "target NOT met")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
