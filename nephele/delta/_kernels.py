@@ -257,21 +257,26 @@ def classify(
         g = gidx[i]
         row = data[i]
         cls = RAW
+        # One branch-free (vectorizable) pass: how many words differ from the base block, and the OR of
+        # all words (zero test). Cheaper than an early-exit compare once the chunk is in cache.
         diffs = WORDS
+        acc = U0
         if has_base[i]:
             diffs = 0
             brow = base[i]
             for k in range(WORDS):
-                if row[k] != brow[k]:
-                    diffs += 1
-                    if diffs >= XOR_LIMIT:
-                        break
+                x = row[k]
+                diffs += x != brow[k]
+                acc |= x
             if diffs == 0:
                 cls = BASE
+        else:
+            for k in range(WORDS):
+                acc |= row[k]
         if cls == BASE:
             h1 = base_h[i, 0]
             h2 = base_h[i, 1]
-        elif _is_zero(row):
+        elif acc == U0:
             cls = ZERO
             h1 = zh1
             h2 = zh2
