@@ -98,6 +98,9 @@ class Encoder:
         # threaded: a writer thread compresses and writes frames while this thread classifies the next batch.
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="nephele-delta-frames") if threaded else None
         self._pending: deque[Future[None]] = deque()
+        # coalesce: frames may span put calls (encode_files only: every block is put exactly once)
+        self.coalesce = False
+        self._carry: tuple[_TargetState, np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
         self.collisions = 0  # reference candidates whose bytes differed (sent by value instead)
         self.sha256 = sha256
         self._write(W.MAGIC)
@@ -271,19 +274,44 @@ class Encoder:
         rowidx: np.ndarray,
     ) -> None:
         isval = (ops == K.RAW) | (ops == K.XOR)
-        isarg = (ops == K.REF) | (ops == K.STREAM)
         vrow = rowidx[isval]
         values = rows[vrow]
         xr = ops[isval] == K.XOR
         if xr.any():
             values[xr] ^= base_rows[vrow[xr]]
-        allargs = args[isarg]
+        isarg = (ops == K.REF) | (ops == K.STREAM)
+        self.stats.kind(t.kind).add_ops(ops)
+        if self._carry is not None:
+            # encode_files: a frame may span chunks, since each block is put once and never rewritten
+            # (a STREAM source is always complete before the frame that copies it is applied)
+            ct, cb, co, ca, cv = self._carry
+            assert ct is t
+            blocks = np.concatenate((cb, blocks))
+            ops = np.concatenate((co, ops))
+            args = np.concatenate((ca, args[isarg]))
+            values = np.concatenate((cv, values))
+            self._carry = None
+        else:
+            args = args[isarg]
+        self._frames(t, blocks, ops, args, values, final=not self.coalesce)
+
+    def _frames(
+        self,
+        t: _TargetState,
+        blocks: np.ndarray,
+        ops: np.ndarray,
+        args: np.ndarray,
+        values: np.ndarray,
+        final: bool,
+    ) -> None:
+        """Cut entries (in order; args and values only for the entries that have them) into frames of
+        batch_blocks values or MAX_ENTRIES entries; with final=False a last, unfilled frame is carried."""
+        isval = (ops == K.RAW) | (ops == K.XOR)
+        isarg = (ops == K.REF) | (ops == K.STREAM)
         vcum = np.cumsum(isval)
         acum = np.cumsum(isarg)
         m = ops.shape[0]
         start = 0
-        ks = self.stats.kind(t.kind)
-        ks.add_ops(ops)
         while start < m:
             v0 = int(vcum[start - 1]) if start else 0
             a0 = int(acum[start - 1]) if start else 0
@@ -291,17 +319,25 @@ class Encoder:
             end = min(end, start + MAX_ENTRIES, m)
             v1 = int(vcum[end - 1])
             a1 = int(acum[end - 1])
+            if not final and end == m and v1 - v0 < self.batch_blocks and end - start < MAX_ENTRIES:
+                self._carry = (t, blocks[start:], ops[start:], args[a0:], values[v0:])
+                return
             b = blocks[start:end]
             parts = [
                 W.BLOCKS_HEAD.pack(end - start, v1 - v0, a1 - a0, 0),
                 np.diff(b, prepend=np.int64(0)).astype("<i8").tobytes(),
                 ops[start:end].tobytes(),
-                allargs[a0:a1].astype("<i8").tobytes(),
+                args[a0:a1].astype("<i8").tobytes(),
                 values[v0:v1].tobytes(),
             ]
-            raw = b"".join(parts)
-            self._frame(W.BLOCKS, t.index, raw, compress=True, kind=t.kind)
+            self._frame(W.BLOCKS, t.index, b"".join(parts), compress=True, kind=t.kind)
             start = end
+
+    def _flush_carry(self) -> None:
+        if self._carry is not None:
+            t, b, o, a, v = self._carry
+            self._carry = None
+            self._frames(t, b, o, a, v, final=True)
 
     # -- frames ------------------------------------------------------------------------------------
     def _compress(self, raw: bytes) -> bytes:
@@ -385,6 +421,7 @@ class Encoder:
         sha256s must give the SHA-256 of every target's final image."""
         if self._finished:
             raise DeltaError("encoder already finished")
+        self._flush_carry()
         entries = []
         for t in self._targets:
             d = (final_hashes or {}).get(t.name) or self.digest(t.index)
@@ -427,6 +464,7 @@ def encode_files(
         enc = Encoder(
             rs, out, codec, level, batch_blocks=batch_blocks, emit_keep=False, sha256=sha256, threaded=True
         )
+        enc.coalesce = True
         shas: dict[str, bytes] = {}
         fds: list[int] = []
         try:
@@ -439,6 +477,7 @@ def encode_files(
                 enc.begin_target(t.name, t.kind, os.fstat(fd).st_size, t.base)
             for t, fd in zip(targets, fds, strict=True):
                 sha = _encode_file(enc, enc._target(t.name), fd, t.path, sha256)
+                enc._flush_carry()  # frames never span targets
                 if sha is not None:
                     shas[t.name] = sha
             return enc.finish(sha256s=shas)
