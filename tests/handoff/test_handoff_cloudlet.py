@@ -20,6 +20,7 @@ from tests.handoff.cloudlet_setup import agent, build_image, domains, guest_stat
 
 pytestmark = pytest.mark.integration
 PORT = 18080
+SLOW_MBIT = 2
 
 
 @pytest.fixture(scope="module")
@@ -131,9 +132,10 @@ def test_cut_link_mid_transfer_leaves_the_vm_running_on_the_source(
 ) -> None:
     a, b = cloudlet.nodes[:2]
     before = wait_guest(a, PORT)
+    cloudlet.set_link(SLOW_MBIT)  # the guest shares most memory with its image: slow the link down
     t, out, events = _run_async(a, b, cloudlet)
     try:
-        _wait_transfer(events, t, 2 << 20)
+        _wait_transfer(events, t, 256 << 10)
         cloudlet.cut_link(b.name)
         deadline = time.monotonic() + 150
         while not any(e.get("event") == "failed" for e in events):
@@ -141,6 +143,7 @@ def test_cut_link_mid_transfer_leaves_the_vm_running_on_the_source(
             time.sleep(0.5)
     finally:
         cloudlet.restore_link(b.name)
+        cloudlet.set_link(20)
     t.join(200)
     assert not t.is_alive()
     assert isinstance(out.get("e"), HandoffError), out
@@ -156,11 +159,15 @@ def test_killed_receiver_mid_transfer_leaves_the_vm_running_on_the_source(
 ) -> None:
     a, b = cloudlet.nodes[:2]
     before = wait_guest(a, PORT)
-    t, out, events = _run_async(a, b, cloudlet)
-    _wait_transfer(events, t, 2 << 20)
-    (ready,) = [e for e in events if e.get("event") == "ready"]
-    os.kill(int(ready["pid"]), signal.SIGKILL)
-    t.join(200)
+    cloudlet.set_link(SLOW_MBIT)
+    try:
+        t, out, events = _run_async(a, b, cloudlet)
+        _wait_transfer(events, t, 256 << 10)
+        (ready,) = [e for e in events if e.get("event") == "ready"]
+        os.kill(int(ready["pid"]), signal.SIGKILL)
+        t.join(200)
+    finally:
+        cloudlet.set_link(20)
     assert not t.is_alive()
     err = out.get("e")
     assert isinstance(err, HandoffError), out
