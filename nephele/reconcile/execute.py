@@ -47,6 +47,9 @@ RESULT_FORMAT_VERSION = "1"
 NOOP = "noop"  # what _Runner.run returns when the action's effect was already there
 Transports = Callable[[str], AgentTransport]
 EventFn = Callable[[str], None]
+# Asked right before an action starts: None lets it start, a reason keeps it (and what depends on it)
+# from starting; it is reported NOT_RUN with that reason (the watch daemon: superseded, stopping).
+ShouldStart = Callable[[Action], str | None]
 
 
 class Status(enum.StrEnum):
@@ -436,6 +439,7 @@ class _Executor:
         say: EventFn,
         sleep: Callable[[float], None],
         clock: Callable[[], float],
+        should_start: ShouldStart | None = None,
     ) -> None:
         self.plan = plan
         self.runner = runner
@@ -449,6 +453,8 @@ class _Executor:
         self.results = {a.id: ActionResult(a) for a in plan.actions}
         self.ids = set(self.results)
         self.running: dict[str, Action] = {}
+        self.should_start = should_start
+        self.held: set[str] = set()  # ids should_start kept from starting
 
     def event(self, name: str, **fields: Any) -> None:
         if self.journal is not None:
@@ -496,6 +502,11 @@ class _Executor:
                     deps = [d for d in a.depends_on if d in self.ids]
                     if all(self.results[d].status in OK for d in deps) and self.can_start(a):
                         pending.remove(a)
+                        veto = self.should_start(a) if self.should_start else None
+                        if veto:
+                            self.held.add(a.id)
+                            self.finish(a, Status.NOT_RUN, error=veto)
+                            continue
                         self.running[a.id] = a
                         futures[pool.submit(self.attempt_all, a)] = a.id
                 if not futures:
@@ -526,7 +537,13 @@ class _Executor:
                     for d in a.depends_on
                     if d in self.ids and self.results[d].status in (Status.FAILED, Status.SKIPPED)
                 ]
-                if bad:
+                held = [d for d in a.depends_on if d in self.held]
+                if held and not bad:
+                    pending.remove(a)
+                    self.held.add(a.id)
+                    self.finish(a, Status.NOT_RUN, error=f"not started: it depends on {held[0]}, not started")
+                    changed = True
+                elif bad:
                     pending.remove(a)
                     self.finish(
                         a, Status.SKIPPED, error=f"skipped: it depends on {bad[0]}, which did not succeed"
@@ -539,7 +556,7 @@ class _Executor:
         self.event(status.value, action=a.id, attempts=r.attempts, error=error, detail=detail)
         name = short_name(a)
         what = headline(a)
-        if status is Status.SKIPPED:
+        if status is Status.SKIPPED or (status is Status.NOT_RUN and error):
             self.say(f"{name}: {what} … {error}")
 
     def backoff(self, attempt: int) -> float:
@@ -610,6 +627,7 @@ def apply(
     base_dir: Path | None = None,
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
+    should_start: ShouldStart | None = None,
 ) -> ApplyResult:
     """Carry out `plan` on the nodes of `desired`. A plan with errors is refused (PlanError). Returns
     what happened to every action; never raises for an action's failure (see ApplyResult.ok)."""
@@ -638,5 +656,6 @@ def apply(
         say=locked_say,
         sleep=sleep,
         clock=clock,
+        should_start=should_start,
     )
     return ex.run()
