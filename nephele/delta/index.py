@@ -212,6 +212,10 @@ class RefReader:
             out = np.empty((blocks.shape[0], BLOCK), dtype=np.uint8)
         if blocks.size == 0:
             return out
+        first = int(blocks[0])
+        if blocks.size > 1 and int(blocks[-1]) - first == blocks.size - 1 and (np.diff(blocks) == 1).all():
+            self.read_range(first, out)  # one ascending run (pages streamed in order): one read
+            return out
         if os.fstat(self._fd).st_size < self.size:
             raise DeltaError(f"reference image {self.path} shrank while in use")
         inside = blocks < self._full
