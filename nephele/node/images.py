@@ -23,6 +23,7 @@ import subprocess
 import time
 import uuid as uuidlib
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -335,13 +336,8 @@ def _extract_checked(zf: zipfile.ZipFile, name: str, dest: Path, raw: str) -> st
                 out.write(chunk)
     except KeyError:
         raise InvalidInput(f"image import: {raw}: {name} is missing from the export") from None
-    except (zipfile.BadZipFile, OSError, EOFError) as exc:
-        # zlib errors surface as zipfile.BadZipFile or zlib.error (an Exception subclass of neither).
+    except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as exc:
         raise InvalidInput(f"image import: {raw}: {name} is corrupt ({exc})") from None
-    except Exception as exc:
-        if type(exc).__name__ == "error":  # zlib.error
-            raise InvalidInput(f"image import: {raw}: {name} is corrupt ({exc})") from None
-        raise
     return h.hexdigest()
 
 

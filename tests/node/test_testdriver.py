@@ -240,3 +240,77 @@ def test_failed_run_leaves_no_instance_behind(ctx: NodeContext, tmp_path: Path, 
         instances.run(ctx, {"snapshot": "nope", "title": "web"})
     with pytest.raises(InvalidInput, match="no TITLE"):
         instances.run(ctx, {"snapshot": r["id"], "title": ""})
+
+
+def test_instance_lifecycle_cold_boot_on_the_test_driver(ctx: NodeContext, tmp_path: Path) -> None:
+    """run -d (cold boot of the image's disk), ps, selection, port conflicts, pause/resume/stop/start/rm."""
+    r = build(ctx, tmp_path)
+    a = instances.run(ctx, {"snapshot": r["id"], "title": "web", "ports": "18901:80", "disk_only": True})
+    assert a["state"] == "running" and a["ports"] == ["18901:80"] and a["snapshot"] == r["id"]
+    assert (ctx.store.instances / a["uuid"] / "disk.qcow2").is_file()
+    with pytest.raises(Conflict, match="18901 is already forwarded to instance 'web'"):
+        instances.run(ctx, {"snapshot": r["id"], "title": "web2", "ports": "18901:80", "disk_only": True})
+    b = instances.run(ctx, {"snapshot": "tiny", "title": "web", "ports": "18902:80", "disk_only": True})
+    try:
+        assert {i["uuid"] for i in instances.ps(ctx, {})} >= {a["uuid"], b["uuid"]}
+        with pytest.raises(
+            Conflict, match=f"title 'web' is ambiguous: instances .*{b['uuid']}.*give the UUID"
+        ):
+            instances.pause(ctx, {"instance": "web"})
+        assert instances.pause(ctx, {"instance": a["uuid"]})["state"] == "paused"
+        assert instances.resume(ctx, {"instance": a["uuid"][:8]})["state"] == "running"
+        assert instances.stop(ctx, {"instance": a["uuid"]})["state"] == "stopped"
+        with pytest.raises(Conflict, match="is stopped"):
+            instances.pause(ctx, {"instance": a["uuid"]})
+        # A stopped instance no longer holds its port...
+        c = instances.run(ctx, {"snapshot": "tiny", "title": "c", "ports": "18901:80", "disk_only": True})
+        # ...so starting the stopped one again is refused while another holds it.
+        with pytest.raises(Conflict, match="18901 is already forwarded to instance 'c'"):
+            instances.start(ctx, {"instance": a["uuid"]})
+        instances.rm(ctx, {"instance": c["uuid"]})
+        assert instances.start(ctx, {"instance": a["uuid"]})["state"] == "running"
+        obs = observe(ctx, {"node": "n"})
+        assert {obs["instances"][k]["uuid"] for k in obs["instances"]} >= {a["uuid"], b["uuid"]}
+        marked = instances.set_handoff_url(ctx, {"instance": a["uuid"], "url": "tcp://10.0.0.2:8022"})
+        assert marked["handoff_url"] == "tcp://10.0.0.2:8022"
+        with pytest.raises(Conflict, match="in use by instances"):
+            images.rm(ctx, {"id": r["id"], "force": True})
+    finally:
+        for i in (a, b):
+            instances.rm(ctx, {"instance": i["uuid"]})
+    assert not [i for i in instances.ps(ctx, {}) if i["uuid"] in (a["uuid"], b["uuid"])]
+    assert list(ctx.store.instances.iterdir()) == []
+
+
+def test_interrupted_build_cleans_up(tmp_path: Path) -> None:
+    """SIGTERM (what an SSH disconnect turns into) while the node waits for the pause: the agent answers
+    `interrupted`, and neither an image nor staging files are left."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from nephele.agent import protocol
+
+    desc = _descriptor(tmp_path)
+    root = tmp_path / "root"
+    env = {**os.environ, "NEPHELE_ROOT": str(root), "NEPHELE_LIBVIRT_URI": "test:///default"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nephele", "agent", "call"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    assert proc.stdin and proc.stderr and proc.stdout
+    proc.stdin.write(protocol.encode(protocol.make_request("image.build", {"path": str(desc)})))
+    proc.stdin.close()
+    while b"pause it when ready" not in proc.stderr.readline():
+        pass
+    assert list((root / "tmp").iterdir())  # the staging dir exists while it waits
+    proc.send_signal(signal.SIGTERM)
+    out = proc.stdout.read()
+    assert proc.wait(20) == 0
+    resp = json.loads(out)
+    assert resp["ok"] is False and resp["error"]["kind"] == "interrupted"
+    assert list((root / "tmp").iterdir()) == [] and list((root / "images").iterdir()) == []
