@@ -163,6 +163,17 @@ def built(
     if "error" in outcome:
         raise outcome["error"]
     yield Built(outcome["result"], progress, ready_uptime, time.monotonic() - t0)
+    # The cloudlet is shared with other test modules: leave both nodes as we found them.
+    for agent, n in zip(agents, nodes, strict=True):
+        for inst in agent.call("instance.ls"):
+            agent.call("instance.rm", {"instance": inst["uuid"]})
+        for snap in agent.call("snapshot.ls"):
+            agent.call("snapshot.rm", {"path": snap["content_id"]})
+        for img in agent.call("image.ls"):
+            agent.call("image.rm", {"id": img["content_id"], "force": True})
+        for leftover in ("inbox", "tiny.zip", "web.zip", "bad.zip"):
+            path = n.host_root / leftover
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 @dataclass
