@@ -206,8 +206,17 @@ def _instance_op(op: str, verb: str) -> Handler:
 
 
 def _handoff(agent: Agent, args: argparse.Namespace) -> int:
-    r = agent.call("instance.handoff", {"instance": args.title, "dest": args.dest})
-    print(json.dumps(r, indent=2) if not isinstance(r, str) else r)
+    from nephele.handoff.report import run_handoff
+    from nephele.model import NodeSpec
+
+    dst = Agent(transport_for(argparse.Namespace(**{**vars(args), "host": args.dest})))
+    try:
+        address = str(getattr(dst.transport, "host", args.dest))
+        spec = NodeSpec(name=dst.node, address=address, handoff_port=args.port)
+        src_address = str(getattr(agent.transport, "host", args.host))
+        run_handoff(agent, dst, args.title, spec, source_address=src_address, downtime_ms=args.downtime_ms)
+    finally:
+        dst.close()
     return 0
 
 
@@ -312,6 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     h = sub.add_parser("handoff", help="Handoff a running instance to another node")
     h.add_argument("title", help="Title of the VM instance to handoff")
     h.add_argument("dest", help="Handoff destination - IP address or DNS name.")
+    h.add_argument("--port", type=int, default=8022, help="the destination's handoff port (default 8022)")
+    h.add_argument("--downtime-ms", type=int, default=1000, help="downtime budget in ms (default 1000)")
     h.set_defaults(func=_handoff)
     return p
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -55,7 +57,15 @@ def test_live_handoff_moves_a_running_guest(cloudlet: Cloudlet, instance: dict[s
     try:
         before = wait_guest(a, PORT)
         events: list[dict[str, Any]] = []
-        res = perform(agent(a), agent(b), "web-1", spec(b), events.append, source_address=a.address)
+        during: list[Any] = []
+
+        def on_event(ev: dict[str, Any]) -> None:
+            events.append(ev)
+            if ev.get("event") == "progress" and not during:  # `ps` on the source while it runs
+                during.extend(i["handoff_url"] for i in agent(a).call("instance.ls"))
+
+        res = perform(agent(a), agent(b), "web-1", spec(b), on_event, source_address=a.address)
+        assert during == [f"tcp://{b.address}:8022"]
         after = wait_guest(b, PORT)
         assert after["fill_md5"] == before["fill_md5"]  # guest RAM survived
         assert int(after["counter"]) > int(before["counter"])  # and it kept running
@@ -173,3 +183,31 @@ def test_killed_receiver_mid_transfer_leaves_the_vm_running_on_the_source(
     assert isinstance(err, HandoffError), out
     _check_source_intact(cloudlet, instance, before)
     assert leftovers(cloudlet, instance["uuid"]) == []
+
+
+def test_nephele_client_hands_off_and_back(cloudlet: Cloudlet, instance: dict[str, Any]) -> None:
+    a, b = cloudlet.nodes[:2]
+    cloudlet.set_link(200)
+    try:
+        before = wait_guest(a, PORT)
+        for src, dst in ((a, b), (b, a)):
+            proc = subprocess.run(
+                [sys.executable, "-m", "nephele.cli.client", "--cloudlet", cloudlet.name, src.name, "handoff",
+                 "web-1", dst.name],
+                capture_output=True, text=True, timeout=300, check=False,
+            )  # fmt: skip
+            assert proc.returncode == 0, proc.stderr
+            lines = proc.stdout.splitlines()
+            assert lines[0] == (
+                f"Handoff initiated for web-1 [{instance['uuid']}] to the following destination: "
+                f"tcp://{dst.address}:8022"
+            )
+            assert any(line.startswith("Handoff completed: web-1") for line in lines)
+            assert any(line.startswith("MEMORY") for line in lines) and any(
+                line.startswith("DISK") for line in lines
+            )
+            now = wait_guest(dst, PORT)
+            assert now["fill_md5"] == before["fill_md5"]
+        assert int(wait_guest(a, PORT)["counter"]) > int(before["counter"])
+    finally:
+        cloudlet.set_link(20)

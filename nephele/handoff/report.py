@@ -1,0 +1,105 @@
+"""What `nephele-client SRC handoff INSTANCE DEST` prints: the original's first line, progress while the
+state moves (bytes, rate, ETA, iteration), then the destination's stats table."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, TextIO
+
+from nephele.handoff.controller import AgentLike, HandoffResult, perform
+from nephele.handoff.records import table
+from nephele.model import NodeSpec
+
+MiB = 1 << 20
+
+
+def fmt_progress(ev: dict[str, Any]) -> str:
+    eta = ev.get("eta_s")
+    phase = "stop-and-copy" if ev.get("paused") else f"iteration {ev.get('iteration', 0)}"
+    return (
+        f"  {ev.get('elapsed', 0):6.1f} s  {phase:<14} stream {ev.get('stream_bytes', 0) / MiB:8.1f} MiB  "
+        f"wire {ev.get('wire_bytes', 0) / MiB:7.1f} MiB  {ev.get('rate_bps', 0) * 8 / 1e6:6.1f} Mbit/s  "
+        f"ETA {'-' if eta is None else f'{eta:.0f} s'}"
+    )
+
+
+def render_result(res: HandoffResult) -> str:
+    d = res.destination
+    blocks = d.get("table_blocks", {})
+    mem = tuple(blocks.get("memory", (0, 0, 0, 0)))
+    disk = tuple(blocks.get("disk", (0, 0, 0, 0)))
+    wire = d.get("wire_bytes", {})
+    dt = d.get("downtime_s")
+    lines = [
+        f"Handoff completed: {res.instance['title']} [{res.instance['uuid']}] runs on {res.url}",
+        f"Iterations: {d.get('iterations')}",
+        f"Elapsed Time: {res.elapsed_s:.2f} s",
+        f"VM Disk Size: {d.get('disk_bytes', 0) / MiB:.2f} MiB",
+        f"VM Memory Size: {d.get('memory_bytes', 0) / MiB:.2f} MiB",
+        f"Blobs Received: {d.get('blobs')}",
+        f"Total MBytes Received over wire: {sum(wire.values()) / MiB:.2f} MiB "
+        + "("
+        + ", ".join(f"{k} {v / MiB:.2f}" for k, v in sorted(wire.items()))
+        + ")",
+        f"Downtime: {'-' if dt is None else f'{dt:.3f} s'}",
+        "",
+        table(mem, disk),  # type: ignore[arg-type]
+        "",
+        f"Stats file on the destination: {d.get('stats_file')}",
+    ]
+    return "\n".join(lines)
+
+
+def run_handoff(
+    src: AgentLike,
+    dst: AgentLike,
+    instance: str,
+    dest: NodeSpec,
+    *,
+    source_address: str,
+    downtime_ms: int = 1000,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+) -> HandoffResult:
+    o = out or sys.stdout
+    e = err or sys.stderr
+    tty = o.isatty()
+    last = [0.0]
+
+    def on_progress(ev: dict[str, Any]) -> None:
+        kind = ev.get("event")
+        if kind == "initiated":
+            print(
+                f"Handoff initiated for {ev['title']} [{ev['uuid']}] to the following destination: "
+                f"{ev['url']}",
+                file=o,
+                flush=True,
+            )
+        elif kind == "progress" and ev.get("side") == "source":
+            now = time.monotonic()
+            if tty:
+                print("\r" + fmt_progress(ev), end="", file=o, flush=True)
+            elif now - last[0] >= 5 or ev.get("paused"):
+                last[0] = now
+                print(fmt_progress(ev), file=o, flush=True)
+        elif kind == "failed":
+            print(("\n" if tty else "") + f"handoff failed: {ev.get('error')}", file=e, flush=True)
+
+    def text(line: str) -> None:
+        print(line, file=e, flush=True)
+
+    res = perform(
+        src,
+        dst,
+        instance,
+        dest,
+        on_progress,
+        downtime_ms=downtime_ms,
+        source_address=source_address,
+        on_text=text,
+    )
+    if tty:
+        print(file=o)
+    print(render_result(res), file=o, flush=True)
+    return res
