@@ -89,6 +89,8 @@ def perform(
     downtime_ms: int = 1000,
     source_address: str | None = None,
     on_text: Callable[[str], None] | None = None,
+    heatmap: bool | int | None = None,
+    heatmap_linger: float = 0.0,
 ) -> HandoffResult:
     """Hand a running instance off from src's node to dest_node (reached through dst)."""
     notify = on_progress or (lambda ev: None)
@@ -121,6 +123,8 @@ def perform(
                     "instance": info,
                     "port": dest_node.handoff_port,
                     "source_ip": source_address or src.node,
+                    "heatmap": heatmap,  # the destination's heatmap page (None: as the node is configured)
+                    "heatmap_linger": heatmap_linger,
                 },
                 progress=dst_progress,
             )

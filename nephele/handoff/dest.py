@@ -28,6 +28,7 @@ from typing import Any
 
 from nephele.errors import Conflict, HandoffError, InvalidInput, NepheleError
 from nephele.handoff import channel as ch
+from nephele.handoff import heatmap_server
 from nephele.handoff import refs as refsmod
 from nephele.handoff.forward import ForwardStats, NbdTap, forward
 from nephele.handoff.memory import MemoryDestination, MemoryStats
@@ -70,6 +71,7 @@ class _Channels:
         self.peers: set[str] = set()
         self.lock = threading.Lock()
         self.errors: list[str] = []
+        self.observer: Any = None  # heatmap hook, passed to the memory channel
 
     def on_channel(self, acc: ch.Accepted) -> None:
         self.peers.add(acc.peer)
@@ -85,6 +87,7 @@ class _Channels:
                         ("127.0.0.1", self.mem_port),
                         self.refs,
                         self.ctx.store.tmp / f"handoff-{os.getpid()}",
+                        observer=self.observer,
                     )
                 self.memory_stats = self.memory.run()
                 self.memory_done.set()
@@ -162,10 +165,12 @@ def receive(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
     if inst_dir.exists():
         raise Conflict(f"{inst_dir} already exists on this node (a leftover of another handoff?)")
 
+    heatmap_port = heatmap_server.wanted_port(ctx.store.root, args)  # None: off (the default)
     rec = HandoffRecord(
         source_ip, str(inst.get("title")), uuid, int(inst["memory_bytes"]), int(inst["disk_size"])
     )
     records = Records(ctx.store.logs, rec)
+    hm = heatmap_server.open_session(heatmap_port, rec, records, address)
     listener: ch.HandoffListener | None = None
     unwatch = None
     chans: _Channels | None = None
@@ -181,6 +186,8 @@ def receive(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
         listener = ch.HandoffListener(address, port, hid, token)
         unwatch = migrate.watch_lifecycle(hv, uuid, mark)
         chans = _Channels(ctx, mem_port, disk_port, refs)
+        if hm is not None:
+            chans.observer = chans.disk_tap.observer = hm.observe
         threading.Thread(target=listener.accept_loop, args=(chans.on_channel,), daemon=True).start()
         records.start()
         records.log(f"listening on port {port}; destination QEMU ports memory {mem_port}, disk {disk_port}")
@@ -193,6 +200,7 @@ def receive(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
             pid=os.getpid(),
             stats=str(records.stats_path),
             log=str(records.log_path),
+            heatmap_port=hm.port if hm is not None else None,
         )
         t_ready = time.monotonic()
         while not chans.memory_done.wait(0.5):
@@ -259,6 +267,8 @@ def receive(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
         if not ok and rec.status == "running":
             rec.status = "failed"
         records.stop()
+        if hm is not None:  # keep the images with the log; the page may stay up heatmap_linger s
+            hm.close(records, float(args.get("heatmap_linger") or 0))
 
 
 def _cleanup(ctx: NodeContext, uuid: str, inst_dir: Any, records: Records) -> None:

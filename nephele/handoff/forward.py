@@ -12,6 +12,7 @@ import contextlib
 import socket
 import struct
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import lz4.block
@@ -54,6 +55,8 @@ class NbdTap:
         self.zero_bytes = 0  # written as WRITE_ZEROES or as all-zero 4 KiB blocks
         self.writes = 0
         self.broken = False
+        # heatmap hook: ("disk", block numbers written, "data"|"zero") per request (nephele.handoff.heatmap)
+        self.observer: Callable[[str, np.ndarray, str], None] | None = None
 
     def feed(self, data: bytes) -> None:
         if self.broken:
@@ -84,7 +87,7 @@ class NbdTap:
                 continue
             if len(self.buf) < 28:
                 return
-            magic, _flags, cmd, _handle, _off, length = struct.unpack_from(">IHHQQI", self.buf)
+            magic, _flags, cmd, _handle, off, length = struct.unpack_from(">IHHQQI", self.buf)
             if magic != self.REQ_MAGIC:
                 self.broken = True  # not a stream this tap understands: stop counting, keep forwarding
                 return
@@ -97,6 +100,11 @@ class NbdTap:
                 self.writes += 1
                 self.write_bytes += length
                 self.zero_bytes += length
+            if self.observer is not None and cmd in (self.CMD_WRITE, self.CMD_WRITE_ZEROES) and length:
+                cls = "data" if cmd == self.CMD_WRITE else "zero"
+                self.observer(
+                    "disk", np.arange(off // BLOCK, -(-(off + length) // BLOCK), dtype=np.int64), cls
+                )
 
     def _payload(self, data: bytes) -> None:
         self.zero_pending += data

@@ -372,9 +372,13 @@ class MemoryDestination:
         scratch_dir: Path,
         *,
         on_progress: Callable[[MemoryStats], None] | None = None,
+        observer: Callable[[str, np.ndarray, str], None] | None = None,
     ) -> None:
         self.wan = wan
         self.qemu_address = qemu_address
+        # heatmap hook: ("memory", page numbers across the RAM blocks in MEM_SIZE order, "data"|"zero")
+        self.observer = observer
+        self._first_page: list[int] = []
         self.refs = dict(refs)
         self.scratch_dir = scratch_dir
         self.stats = MemoryStats()
@@ -438,6 +442,9 @@ class MemoryDestination:
         info = json.loads(head)
         blocks = info["blocks"]
         self._names = [str(b["name"]) for b in blocks]
+        self._first_page = np.concatenate(
+            [[0], np.cumsum([-(-int(b["size"]) // PAGE_SIZE) for b in blocks])]
+        ).tolist()
         self.scratch_dir.mkdir(parents=True, exist_ok=True)
         sinks = {
             f"ram{i}": Sink(on_blocks=self._on_blocks, scratch_dir=self.scratch_dir)
@@ -498,6 +505,11 @@ class MemoryDestination:
                 zi += 1
         self.stats.pages += pi
         self.stats.zero_records += zi
+        if self.observer is not None:  # heatmap hook (nephele.handoff.heatmap)
+            pages = (heads >> np.uint64(12)).astype(np.int64) + self._first_page[tidx]
+            self.observer("memory", pages[is_page], "data")
+            if zi:
+                self.observer("memory", pages[~is_page], "zero")
 
     def _end(self, payload: bytes) -> None:
         assert self._writer is not None
