@@ -8,7 +8,7 @@ taken at different moments compare: never 0, once 64, twice 112, 4x 160, 8x 208,
 
 For the page the map is cut into a pyramid: level 0 is one pixel per block, level L one pixel per
 2^L x 2^L blocks holding their maximum (a single dirty block stays visible at any zoom), each level served
-as 256 x 256 tiles. A 25 GB disk (6.1 M blocks, 4096 x 1490) has 5 levels; its coarsest fits one tile.
+as 256 x 256 tiles. A 25 GB disk (6.1 M blocks, 4096 x 1491) has 5 levels; its coarsest fits one tile.
 
 PNGs are written with zlib and struct (8-bit greyscale, filter 0): no image library.
 """

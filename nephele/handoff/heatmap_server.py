@@ -126,14 +126,15 @@ class HeatmapSession:
         return (s[-1][1] - s[0][1]) / (s[-1][0] - s[0][0])
 
     def eta(self) -> float | None:
-        """Seconds until every memory page was sent once (the first pre-copy pass), from the share of
-        pages seen so far; None before the first page and after the first pass (then QEMU converges)."""
+        """Seconds until every memory page was sent once (QEMU's first pre-copy pass sends each page,
+        zero pages as ZERO records), from the share of pages seen so far; None before the first page and
+        after the first pass (then the remaining time is QEMU's convergence, which nothing here predicts)."""
         m = self.heatmap.maps["memory"].summary()
         first = self.heatmap.first_block_at
         if first is None or self.record.status != "running" or not m["dirtied_blocks"]:
             return None
         share = min(m["dirtied_blocks"] / max(self.record.memory_bytes // BLOCK, 1), 1.0)
-        if share >= 1.0 or self.record.iteration > 1:
+        if share >= 1.0:
             return None
         return (time.time() - first) * (1.0 - share) / share
 
