@@ -91,8 +91,10 @@ def perform(
     on_text: Callable[[str], None] | None = None,
     heatmap: bool | int | None = None,
     heatmap_linger: float = 0.0,
+    via: tuple[str, int] | None = None,
 ) -> HandoffResult:
-    """Hand a running instance off from src's node to dest_node (reached through dst)."""
+    """Hand a running instance off from src's node to dest_node (reached through dst). ``via``: the
+    address the source connects to instead of the destination's handoff port (a relay, a WAN proxy)."""
     notify = on_progress or (lambda ev: None)
     text = on_text or (lambda line: None)
     info = src.call("handoff.prepare", {"instance": instance})
@@ -155,8 +157,8 @@ def perform(
             "handoff.send",
             {
                 "uuid": info["uuid"],
-                "dest_address": dest_node.address,
-                "dest_port": dest_node.handoff_port,
+                "dest_address": via[0] if via else dest_node.address,
+                "dest_port": via[1] if via else dest_node.handoff_port,
                 "handoff_id": hid.hex(),
                 "token": token.hex(),
                 "memory_port": ready["memory_port"],
