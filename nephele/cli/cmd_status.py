@@ -20,6 +20,7 @@ from nephele.reconcile.journal import FILE as JOURNAL_FILE
 from nephele.reconcile.journal import interrupted, read_events
 from nephele.reconcile.observe import DEFAULT_TIMEOUT, TransportFactory
 from nephele.reconcile.status import instance_statuses, render_json, render_text, status_dict
+from nephele.reconcile.watch import describe_state, read_state
 
 TRANSPORT_FACTORY: TransportFactory | None = None  # seam for tests
 
@@ -73,5 +74,10 @@ def run(args: argparse.Namespace) -> int:
         ctl.path,
         ctl.revision(),
     )
-    print(render_json(doc) if args.output == "json" else render_text(doc, instances), end="")
+    watch = read_state(ctl.directory)  # the watch daemon's own record (docs/watch.md), if one ran
+    doc["watch"] = watch
+    text = render_text(doc, instances)
+    if watch is not None:
+        text += "\n" + "\n".join(describe_state(watch)) + "\n"
+    print(render_json(doc) if args.output == "json" else text, end="")
     return 0 if doc["ready"] else 1

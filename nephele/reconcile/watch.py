@@ -811,7 +811,11 @@ class Watcher:
     def _install_signals(self) -> None:
         def handler(signum: int, frame: FrameType | None) -> None:
             if self.stopping.is_set():
-                raise KeyboardInterrupt  # the second signal: leave now (the journal keeps what was running)
+                # The second signal: leave now, without waiting for the running action (the
+                # executor's threads would be joined at exit). The journal keeps what was running;
+                # the next start reports it, breaks this run's lock and re-plans.
+                self.say("Second signal: exiting at once.")
+                os._exit(130)
             self.stopping.set()
             self.wake.set()
             self.say(

@@ -529,3 +529,28 @@ def test_suspend_and_resume_commands(tmp_path: Path, capsys: Any) -> None:
     assert main(["watch", "resume", "-f", str(path)]) == 0
     assert read_suspension(tmp_path / ".nephele" / "demo") == Suspension()
     assert main(["watch", "suspend", "node/x", "-f", str(path)]) == 1
+
+
+def test_status_shows_the_daemon_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
+    from nephele.cli import cmd_status
+
+    path = write(tmp_path, WEB1)
+    fc = FakeCloudlet("edge-a", "edge-b")
+    monkeypatch.setattr(cmd_watch, "TRANSPORT_FACTORY", fc.factory)
+    monkeypatch.setattr(cmd_status, "TRANSPORT_FACTORY", fc.factory)
+    assert main(["watch", "suspend", "instance/web-9", "-f", str(path)]) == 0
+    assert main(["watch", "-f", str(path), "--once"]) == 0
+    path.write_text(path.read_text().replace("node: edge-a", "node: edge-z"))
+    assert main(["watch", "-f", str(path), "--once"]) == 1
+    capsys.readouterr()
+    path.write_text(path.read_text().replace("node: edge-z", "node: edge-a"))
+    assert main(["status", "-f", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "Watch daemon: not running" in out
+    assert "last pass:" in out and "in_sync" in out  # the broken revision's pass kept the last good
+    assert "revision applied: sha256:" in out
+    assert "invalid revision" in out and "edge-z" in out
+    assert "suspended: instance/web-9" in out
+    assert main(["status", "-f", str(path), "-o", "json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["watch"]["last_pass"]["result"] == "in_sync" and doc["watch"]["alive"] is False
