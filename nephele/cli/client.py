@@ -214,7 +214,15 @@ def _handoff(agent: Agent, args: argparse.Namespace) -> int:
         address = str(getattr(dst.transport, "host", args.dest))
         spec = NodeSpec(name=dst.node, address=address, handoff_port=args.port)
         src_address = str(getattr(agent.transport, "host", args.host))
-        run_handoff(agent, dst, args.title, spec, source_address=src_address, downtime_ms=args.downtime_ms)
+        run_handoff(
+            agent,
+            dst,
+            args.title,
+            spec,
+            source_address=src_address,
+            downtime_ms=args.downtime_ms,
+            heatmap=args.heatmap,
+        )
     finally:
         dst.close()
     return 0
@@ -323,6 +331,14 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("dest", help="Handoff destination - IP address or DNS name.")
     h.add_argument("--port", type=int, default=8022, help="the destination's handoff port (default 8022)")
     h.add_argument("--downtime-ms", type=int, default=1000, help="downtime budget in ms (default 1000)")
+    h.add_argument(
+        "--heatmap",
+        nargs="?",
+        const=True,
+        type=int,
+        metavar="PORT",
+        help="the destination serves a live heatmap page, http://DEST:PORT/heatmap/ (default port 8023)",
+    )
     h.set_defaults(func=_handoff)
     return p
 

@@ -61,6 +61,7 @@ def run_handoff(
     downtime_ms: int = 1000,
     out: TextIO | None = None,
     err: TextIO | None = None,
+    heatmap: bool | int | None = None,
 ) -> HandoffResult:
     o = out or sys.stdout
     e = err or sys.stderr
@@ -83,6 +84,8 @@ def run_handoff(
             elif now - last[0] >= 5 or ev.get("paused"):
                 last[0] = now
                 print(fmt_progress(ev), file=o, flush=True)
+        elif kind == "ready" and ev.get("heatmap_port"):  # the destination serves the heatmap page
+            print(f"Heatmap: http://{dest.address}:{ev['heatmap_port']}/heatmap/", file=o, flush=True)
         elif kind == "failed":
             print(("\n" if tty else "") + f"handoff failed: {ev.get('error')}", file=e, flush=True)
 
@@ -98,6 +101,7 @@ def run_handoff(
         downtime_ms=downtime_ms,
         source_address=source_address,
         on_text=text,
+        heatmap=heatmap,
     )
     if tty:
         print(file=o)

@@ -370,3 +370,12 @@ def test_a_busy_port_keeps_the_images_but_not_the_page(tmp_path: Path) -> None:
         saved = s.close(records)
     assert len(saved) == 2 and all(p.exists() for p in saved)
     assert "cannot serve the heatmap page" in records.log_path.read_text()
+
+
+def test_client_flag_turns_the_page_on_per_handoff() -> None:
+    from nephele.cli.client import build_parser
+
+    parse = build_parser().parse_args
+    assert parse(["edge-a", "handoff", "web-1", "edge-b"]).heatmap is None  # off unless the node says so
+    assert parse(["edge-a", "handoff", "web-1", "edge-b", "--heatmap"]).heatmap is True
+    assert parse(["edge-a", "handoff", "web-1", "edge-b", "--heatmap=9000"]).heatmap == 9000
