@@ -15,9 +15,9 @@ APT_PACKAGES=(
   iproute2 openssh-server openssh-client kmod cpio e2fsprogs busybox-static curl
   # the tools nephele is benchmarked against
   xdelta3 zstd rsync
+  git make
   # a real browser for the heatmap page test (tests/e2e/test_heatmap_browser.py), headless
   chromium
-  git make
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
