@@ -154,6 +154,39 @@ class _Proxies:
                 s.close()
 
 
+class _DowntimeLimiter:
+    """Keep QEMU's downtime limit honest about the link.
+
+    QEMU stops the VM when its remaining dirty pages fit in downtime-limit x the bandwidth it measured over
+    the last 100 ms, in *stream* bytes. Through the delta engine, zero, unchanged and deduplicated pages
+    cost almost nothing on the wire, so that bandwidth can be many times the link's, and the final
+    stop-and-copy (mostly freshly dirtied, incompressible pages) would take as many times the budget. So
+    the limit given to QEMU is the budget scaled by the recent wire/stream ratio: QEMU then stops only
+    when the remaining stream would fit in the budget even if none of it compressed."""
+
+    WINDOW = 2.0
+
+    def __init__(self, mig: migrate.SourceMigration, budget_ms: int) -> None:
+        self.mig = mig
+        self.budget = budget_ms
+        self.current = budget_ms
+        self.samples: list[tuple[float, int, int]] = []
+
+    def update(self, stream: int, wire: int) -> None:
+        now = time.monotonic()
+        self.samples.append((now, stream, wire))
+        while len(self.samples) > 2 and now - self.samples[1][0] >= self.WINDOW:
+            self.samples.pop(0)
+        _t0, s0, w0 = self.samples[0]
+        ds, dw = stream - s0, wire - w0
+        if ds < (256 << 10):
+            return  # too little data to judge
+        limit = int(min(self.budget, max(30, self.budget * min(1.0, dw / ds))))
+        if abs(limit - self.current) > 0.1 * self.current:
+            self.current = limit
+            self.mig.set_downtime(limit)
+
+
 def send(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
     try:
         uuid = str(args["uuid"])
@@ -204,6 +237,7 @@ def send(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
         emit(ctx, "started", url=url, title=info.tags.get("title"), uuid=uuid)
         last_bytes, last_move, abort_reason = -1, time.monotonic(), None
         prev_t, prev_wire = time.monotonic(), 0
+        limiter = _DowntimeLimiter(mig, downtime_ms)
         while not mig.done.wait(1.0):
             js = mig.job()
             wire = proxies.wire_out()
@@ -211,6 +245,8 @@ def send(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
             rate = (wire - prev_wire) / max(1e-3, now - prev_t)
             prev_t, prev_wire = now, wire
             mem = proxies.memory
+            if mem is not None:
+                limiter.update(mem.stats.stream_bytes, mem.tx.bytes)
             remaining = int(js.get("memory_remaining", 0) or 0) + int(js.get("disk_remaining", 0) or 0)
             stream_rate = float(js.get("memory_bps", 0) or 0)
             emit(

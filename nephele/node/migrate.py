@@ -222,6 +222,10 @@ class SourceMigration:
         except libvirt.libvirtError:
             return {}
 
+    def set_downtime(self, ms: int) -> None:
+        with contextlib.suppress(libvirt.libvirtError):
+            self.dom.migrateSetMaxDowntime(ms, 0)
+
     def abort(self) -> None:
         with contextlib.suppress(libvirt.libvirtError):
             self.dom.abortJob()
