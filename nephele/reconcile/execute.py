@@ -509,6 +509,8 @@ class _Executor:
                             continue
                         self.running[a.id] = a
                         futures[pool.submit(self.attempt_all, a)] = a.id
+                if self.held:
+                    self.skip_blocked(pending)  # what depends on an action vetoed just now
                 if not futures:
                     for a in pending:  # only possible with a dependency cycle: the plan reported it
                         self.finish(a, Status.SKIPPED, error="its dependencies never completed")

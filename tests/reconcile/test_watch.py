@@ -554,3 +554,130 @@ def test_status_shows_the_daemon_state(tmp_path: Path, monkeypatch: pytest.Monke
     assert main(["status", "-f", str(path), "-o", "json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["watch"]["last_pass"]["result"] == "in_sync" and doc["watch"]["alive"] is False
+
+
+def wait(pred: Any, timeout: float, what: str, lines: list[str]) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}:\n" + "\n".join(lines))
+
+
+def test_serve_follows_a_git_branch_and_ignores_a_broken_commit(tmp_path: Path) -> None:
+    bare = tmp_path / "origin.git"
+    git(tmp_path, "init", "-q", "--bare", "-b", "main", str(bare))
+    op = tmp_path / "operator"
+    op.mkdir()
+    git(op, "init", "-q", "-b", "main")
+    write(op, WEB1)
+    (op / ".gitignore").write_text(".nephele/\n")
+    git(op, "add", ".")
+    git(op, "commit", "-q", "-m", "web-1 on edge-a")
+    git(op, "remote", "add", "origin", f"file://{bare}")
+    git(op, "push", "-q", "-u", "origin", "main")
+    checkout = tmp_path / "checkout"
+    git(tmp_path, "clone", "-q", f"file://{bare}", str(checkout))
+    fc = FakeCloudlet("edge-a", "edge-b")
+    lines: list[str] = []
+    w = watcher(checkout / "cloudlet.yaml", fc, lines, git_poll=0.2, resync=3600)
+    t = threading.Thread(target=w.serve)
+    t.start()
+    try:
+        wait(lambda: fc.find("web-1"), 20, "web-1", lines)
+        # A commit moves web-1 to edge-b: the daemon fetches, fast-forwards, hands off, records it.
+        manifest_file = op / "cloudlet.yaml"
+        manifest_file.write_text(manifest_file.read_text().replace("node: edge-a", "node: edge-b"))
+        git(op, "commit", "-q", "-am", "move web-1 to edge-b")
+        git(op, "push", "-q")
+        commit = git(op, "rev-parse", "HEAD")
+        wait(lambda: [n for n, _ in fc.find("web-1")] == ["edge-b"], 20, "the handoff", lines)
+        status = checkout / ".nephele" / "demo" / "status.json"
+        wait(
+            lambda: json.loads(status.read_text())["last_applied"]["git_commit"] == commit,
+            10,
+            "record",
+            lines,
+        )
+        assert json.loads(status.read_text())["last_applied"]["revision"] == f"main@sha1:{commit[:12]}"
+        # A broken commit: reported with FILE:LINE:COL, the nodes keep the previous revision.
+        manifest_file.write_text(
+            manifest_file.read_text().replace("snapshot: web, node", "snapshot: gone, node")
+        )
+        git(op, "commit", "-q", "-am", "broken")
+        git(op, "push", "-q")
+        broken = git(op, "rev-parse", "HEAD")
+
+        def reported() -> bool:
+            return any(
+                e["event"] == "revision" and e["result"] == "invalid" and broken[:12] in e["revision"]
+                for e in events(checkout / "cloudlet.yaml")
+            )
+
+        wait(reported, 20, "the invalid revision", lines)
+        bad = next(e for e in events(checkout / "cloudlet.yaml") if e["result"] == "invalid")
+        assert (
+            bad["problems"][0].startswith(f"{checkout / 'cloudlet.yaml'}:") and "gone" in bad["problems"][0]
+        )
+        assert git(checkout, "rev-parse", "HEAD") == broken  # the checkout follows git ...
+        fc.nodes["edge-b"].instances.clear()  # ... and drift is corrected against the last good one
+        w.wake.set()
+        w.pending.add("test: resync now")
+        wait(lambda: [n for n, _ in fc.find("web-1")] == ["edge-b"], 20, "drift corrected", lines)
+        assert json.loads(status.read_text())["last_applied"]["git_commit"] == commit
+    finally:
+        w.stopping.set()
+        w.wake.set()
+        t.join(20)
+    assert not t.is_alive()
+
+
+def test_should_start_veto_holds_an_action_and_its_dependents(tmp_path: Path) -> None:
+    from nephele.reconcile.execute import apply
+
+    write(tmp_path, WEB1)
+    fc = FakeCloudlet("edge-a", "edge-b")
+    d, p = fake_plan(tmp_path, fc)
+    asked: list[str] = []
+
+    def veto(a: Any) -> str | None:
+        asked.append(a.id)
+        return "not started: test veto" if a.kind is ActionKind.DISTRIBUTE_SNAPSHOT else None
+
+    result = apply(p, d, TransportPool(d, fc.factory), say=lambda s: None, should_start=veto)
+    by = {r.action.id: r for r in result.results}
+    snap = "distribute_snapshot:snapshot/web@edge-a"
+    assert by[snap].status is Status.NOT_RUN and by[snap].error == "not started: test veto"
+    start = by["start_instance:instance/web-1"]
+    assert start.status is Status.NOT_RUN and (start.error or "").startswith("not started: it depends on")
+    assert "start_instance:instance/web-1" not in asked  # never became startable
+    assert by["import_image:image/tiny@edge-a"].status is Status.DONE  # independent work went on
+    assert not result.ok and not fc.find("web-1")
+
+
+def test_an_operators_apply_holding_the_lock_defers_the_pass(tmp_path: Path) -> None:
+    from nephele.reconcile import locks
+
+    path = write(tmp_path, WEB1)
+    fc = FakeCloudlet("edge-a", "edge-b")
+    w = watcher(path, fc)
+    w.prepare()
+    assert w.latest is not None
+    held = locks.acquire(w.directory, "demo", "apply")
+    out = w.run_pass(w.latest)
+    assert out.result == "error" and out.retry and "another apply holds the lock" in out.message
+    assert not fc.mutations()
+    locks.release(w.directory, held)
+    assert w.run_pass(w.latest).result == "applied"
+
+
+def test_events_option_writes_where_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(tmp_path, WEB1)
+    fc = FakeCloudlet("edge-a", "edge-b")
+    monkeypatch.setattr(cmd_watch, "TRANSPORT_FACTORY", fc.factory)
+    log = tmp_path / "logs" / "watch.jsonl"
+    assert main(["watch", "-f", str(path), "--once", "--events", str(log)]) == 0
+    recs = eventlog.read(log)
+    assert recs[0]["event"] == "daemon" and any(r["event"] == "action" for r in recs)
+    assert not (tmp_path / ".nephele" / "demo" / "events.jsonl").exists()
