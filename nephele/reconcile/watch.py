@@ -67,6 +67,8 @@ SUSPEND_FILE = "suspend.json"
 LAST_GOOD_FILE = "watch.last-good.yaml"
 EVENTS_FILE = "events.jsonl"
 STATE_FORMAT_VERSION = "1"
+HANDOFF_POLL = 5.0  # s between passes while a handoff runs on the nodes (it may have been started by
+# a killed run or another controller: the planner waits for it, the daemon looks again soon)
 
 ApplyFn = Callable[..., execute.ApplyResult]
 SayFn = Callable[[str], None]
@@ -277,6 +279,7 @@ class Outcome:
     actions: int = 0
     apply: execute.ApplyResult | None = None
     duration: float = 0.0
+    requeue_after: float | None = None  # look again this soon (a handoff in flight on the nodes)
 
     @property
     def retry(self) -> bool:
@@ -602,7 +605,15 @@ class Watcher:
                     return Outcome("suspended", note, rev.text)
                 if the_plan.unknown:
                     note += f"; {len(the_plan.unknown)} object(s) unknown (node unreachable)"
-                return Outcome("in_sync", note, rev.text)
+                if the_plan.warnings:
+                    note += "; " + "; ".join(str(x) for x in the_plan.warnings)
+                inflight = any(
+                    i.handoff_url
+                    for o in observed.nodes.values()
+                    if o.reachable
+                    for i in o.instances.values()
+                )
+                return Outcome("in_sync", note, rev.text, requeue_after=HANDOFF_POLL if inflight else None)
             applied = (record.get("last_applied") or {}).get("sha256")
             drift = applied == rev.sha
             if drift and not self.opts.self_heal:
@@ -874,6 +885,7 @@ class Watcher:
         next_resync = now + jittered(self.opts.resync, self.rng)
         next_git = now if git else float("inf")
         git_error: str | None = None
+        next_soon = float("inf")
         worker: threading.Thread | None = None
         self.save_state(state="idle")
         mode = (
@@ -898,6 +910,8 @@ class Watcher:
                         self.pass_backoff.success("pass")
                     if out is not None and out.result == "superseded":
                         self.pending.add("superseded")
+                    if out is not None and out.requeue_after is not None:
+                        next_soon = now + out.requeue_after
                 if self.stopping.is_set() and worker is None:
                     break
                 if self.debouncer.take(now):
@@ -934,6 +948,9 @@ class Watcher:
                             git_error = str(exc)
                             self.error(f"git poll: {exc}")
                             self.emit("git", result="failed", message=str(exc))
+                if now >= next_soon:
+                    next_soon = float("inf")
+                    self.pending.add("a handoff is in flight")
                 if now >= next_resync:
                     next_resync = now + jittered(self.opts.resync, self.rng)
                     self.pending.add("resync")
@@ -957,7 +974,7 @@ class Watcher:
                         target=self._pass_thread, args=(self.latest,), daemon=True, name="watch-pass"
                     )
                     worker.start()
-                deadlines = [next_resync, next_git, self.debouncer.deadline() or float("inf")]
+                deadlines = [next_resync, next_git, next_soon, self.debouncer.deadline() or float("inf")]
                 if self.pending:
                     deadlines.append(self.pass_backoff.next_at("pass") or now)
                 with self._mutex:

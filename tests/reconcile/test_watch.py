@@ -681,3 +681,28 @@ def test_events_option_writes_where_asked(tmp_path: Path, monkeypatch: pytest.Mo
     recs = eventlog.read(log)
     assert recs[0]["event"] == "daemon" and any(r["event"] == "action" for r in recs)
     assert not (tmp_path / ".nephele" / "demo" / "events.jsonl").exists()
+
+
+@pytest.mark.parametrize("ends_on", ["edge-b", "edge-a"])
+def test_a_restart_mid_handoff_waits_then_resumes_or_retries(tmp_path: Path, ends_on: str) -> None:
+    """A daemon killed during a handoff: the handoff goes on on the nodes (the source shows its
+    handoff URL). The restarted daemon starts nothing for that instance while it is in flight; when it
+    ends on the target, the cloudlet is in sync; when it was rolled back, a new handoff is started."""
+    path = write(tmp_path, {"web-1": '{snapshot: web, node: edge-b, ports: ["8080:80"]}'})
+    fc = seeded("edge-a", "edge-b")
+    inst = fc.add_instance("edge-a", "web-1", ports=["8080:80"], handoff_url="tcp://10.0.0.2:8022")
+    w = watcher(path, fc)
+    w.prepare()
+    assert w.latest is not None
+    out = w.run_pass(w.latest)
+    assert out.result == "in_sync" and not fc.mutations()  # nothing started beside the one in flight
+    assert "in progress" in out.message and out.requeue_after is not None  # looks again soon
+    del fc.nodes["edge-a"].instances[inst.uuid]
+    inst.handoff_url = None
+    fc.nodes[ends_on].instances[inst.uuid] = inst  # the handoff ended (or was rolled back)
+    out = w.run_pass(w.latest)
+    if ends_on == "edge-b":
+        assert out.result == "in_sync" and not fc.mutations()
+    else:
+        assert out.result == "applied" and ("edge-a", "instance.handoff") in fc.mutations()
+    assert [n for n, _ in fc.find("web-1")] == ["edge-b"]
