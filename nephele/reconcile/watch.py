@@ -428,24 +428,27 @@ class Watcher:
                 f"the last run was killed while running {it.action} (attempt {it.attempt}, "
                 f"started {it.since}); re-planning from what the nodes report now"
             )
-            self.say(msg.capitalize())
+            self.say(msg[0].upper() + msg[1:])
             self.emit("resume", action=it.action, result="interrupted", message=msg)
         if problems is None:
             self.refresh()
             return
-        self._report_invalid(raw, problems)
         good = self.directory / LAST_GOOD_FILE
         if good.is_file():
             text = good.read_bytes()
+            kept: Desired | None
             try:
-                desired = _parse(text, self.path)
+                kept = _parse(text, self.path)
             except ManifestError:
-                return
-            info = dict((prev or {}).get("last_good") or {}) or revision("-", text)
-            info["sha256"] = hashlib.sha256(text).hexdigest()
-            info.setdefault("text", f"sha256:{info['sha256'][:12]}")
-            self.latest = Revision(self.path, text, desired, info)
-            self.say(f"Keeping the last good revision {self.latest.text} in force (from {good}).")
+                kept = None
+            if kept is not None and kept.name == self.name:
+                info = dict((prev or {}).get("last_good") or {})
+                info["sha256"] = hashlib.sha256(text).hexdigest()
+                info.setdefault("text", f"sha256:{info['sha256'][:12]}")
+                self.latest = Revision(self.path, text, kept, info)
+        self._report_invalid(raw, problems)
+        if self.latest is not None:
+            self.say(f"(The last good revision {self.latest.text} comes from {good}.)")
 
     def _report_invalid(self, raw: bytes, exc: ManifestError | NepheleError) -> None:
         info = revision(self.path, raw)
