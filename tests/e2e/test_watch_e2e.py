@@ -1,0 +1,344 @@
+"""`nephele watch` end to end on a real 2-node cloudlet (libvirtd, QEMU under TCG, sshd per node), the
+daemon running in a thread of this process and reaching the nodes over SSH, following a git checkout.
+
+The module builds a base image and a snapshot on a private cloudlet (scripted pauses), exports them as
+the manifest's source files, clears the node, then drives an infrastructure repo through its life:
+first revision converges; an edit of the checkout's file converges; a commit pushed to the origin is
+fetched, fast-forwarded, applied and recorded; a VM destroyed by hand through the node's libvirtd is
+restored; a broken commit is reported with FILE:LINE:COL and the previous state kept; SIGTERM-style
+stop. At most two VMs run at once. Tests run in file order and share one cloudlet and one daemon.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import libvirt
+import pytest
+
+from nephele.agent import Agent
+from nephele.agent.nodes import transport_for_node
+from nephele.cli.main import main
+from nephele.cloudlet import Cloudlet, reap_orphans
+from nephele.cloudlet.guest import GuestFiles, cmdline
+from nephele.reconcile import events as eventlog
+from nephele.reconcile.watch import Watcher, WatchOptions, read_state
+
+pytestmark = pytest.mark.integration
+
+WORKDIR = Path(tempfile.gettempdir()) / "nephele-test-cloudlets"
+WEB1 = '  web-1: {snapshot: web, node: edge-a, ports: ["8080:80"]}\n'
+
+
+def git(cwd: Path, *args: str) -> str:
+    proc = subprocess.run(
+        ["git", "-c", "user.name=ops", "-c", "user.email=ops@example.invalid", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return proc.stdout.strip()
+
+
+def wait_for(pred: Any, timeout: float, what: str, lines: list[str] | None = None) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(0.3)
+    tail = "\n".join((lines or [])[-40:])
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}\n{tail}")
+
+
+def http(url: str) -> str | None:
+    try:
+        with urllib.request.urlopen(url, timeout=3) as resp:
+            return str(resp.read().decode())
+    except OSError:
+        return None
+
+
+@dataclass
+class World:
+    cloudlet: Cloudlet
+    dir: Path
+    agents: dict[str, Agent] = field(default_factory=dict)
+    lines: list[str] = field(default_factory=list)
+    watcher: Watcher | None = None
+    thread: threading.Thread | None = None
+
+    @property
+    def operator(self) -> Path:
+        return self.dir / "operator"
+
+    @property
+    def checkout(self) -> Path:
+        return self.dir / "checkout"
+
+    @property
+    def state(self) -> Path:
+        return self.checkout / ".nephele" / "wt"
+
+    def manifest(self, instances: str) -> str:
+        return (
+            "apiVersion: nephele.dev/v1\nkind: Cloudlet\nmetadata: {name: wt}\n"
+            + self.cloudlet.manifest_nodes()
+            + f"images:\n  tiny: {{source: {self.dir / 'tiny.zip'}}}\n"
+            + f"snapshots:\n  web: {{image: tiny, source: {self.dir / 'web.zip'}}}\n"
+            + "instances:\n"
+            + instances
+            + "policy: {prune: true}\n"
+        )
+
+    def commit(self, instances: str, message: str) -> str:
+        (self.operator / "cloudlet.yaml").write_text(self.manifest(instances))
+        git(self.operator, "commit", "-q", "-am", message)
+        git(self.operator, "push", "-q")
+        return git(self.operator, "rev-parse", "HEAD")
+
+    def copies(self, title: str) -> list[tuple[str, dict[str, Any]]]:
+        out = []
+        for n, agent in self.agents.items():
+            for t, inst in agent.call("observe")["instances"].items():
+                if t == title:
+                    out.append((n, inst))
+        return out
+
+    def address(self, node: str) -> str:
+        return self.cloudlet.node(node).address
+
+    def events(self) -> list[dict[str, Any]]:
+        return eventlog.read(self.state / "events.jsonl")
+
+
+def _scripted_pause(node: Any, prefix: str, call: Any, ready: Any) -> Any:
+    """Run `call` (a node op that boots a VM and waits for its pause) in a thread; pause the VM it
+    starts (name prefix) once `ready(dom)` says so, through the node's libvirtd."""
+    outcome: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            outcome["result"] = call()
+        except Exception as exc:  # reported below
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=work, daemon=True)
+    worker.start()
+    conn = libvirt.open(node.libvirt_uri)
+    try:
+
+        def find() -> Any:
+            if "error" in outcome:
+                raise outcome["error"]
+            for d in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
+                if d.name().startswith(prefix):
+                    return d
+            return None
+
+        dom = wait_for(find, 180, f"the {prefix} VM")
+        wait_for(lambda: ready(dom), 180, f"{prefix} VM ready")
+        dom.suspend()
+    finally:
+        conn.close()
+    worker.join(300)
+    assert not worker.is_alive(), f"{prefix}: the node op did not return after the pause"
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+@pytest.fixture(scope="module")
+def w(guest: GuestFiles, tmp_path_factory: Any) -> Iterator[World]:
+    reap_orphans(WORKDIR)
+    c = Cloudlet.up(
+        f"wt{os.getpid() % 100000}", 2, rate_mbit=1000, delay_ms=0, workdir=WORKDIR, owner_pid=os.getpid()
+    )
+    world = World(c, tmp_path_factory.mktemp("watch-e2e"))
+    try:
+        for spec in c.node_specs():
+            world.agents[spec.name] = Agent(transport_for_node(spec, timeout=600))
+        a = c.nodes[0]
+        agent = world.agents[a.name]
+        inbox = a.host_root / "inbox"
+        inbox.mkdir(parents=True, exist_ok=True)
+        desc = {
+            "disk": str(guest.disk),
+            "kernel": str(guest.kernel),
+            "initrd": str(guest.initrd),
+            "cmdline": cmdline(fill_mib=8, dirty_mib=1, disk_kib=4),
+            "memory_kib": 131072,
+            "name": "tiny",
+        }
+        (inbox / "tiny.json").write_text(json.dumps(desc))
+
+        def serial_ready(dom: Any) -> bool:
+            import xml.etree.ElementTree as ET
+
+            src = ET.fromstring(dom.XMLDesc(0)).find("devices/serial/source")
+            assert src is not None
+            path = a.host_root / Path(str(src.get("path"))).relative_to(a.root)
+            return path.is_file() and b"NEPHELE-READY" in path.read_bytes()
+
+        image = _scripted_pause(
+            a,
+            "nephele-build-",
+            lambda: agent.call("image.build", {"path": f"{a.root}/inbox/tiny.json", "timeout": 300}),
+            serial_ready,
+        )
+        started = time.monotonic()
+        _scripted_pause(
+            a,
+            "nephele-snap-",
+            lambda: agent.call("snapshot.build", {"image": image["id"], "dest": "web", "timeout": 300}),
+            lambda dom: time.monotonic() - started > 3,
+        )
+        for kind, op_args in (("image", {"id": "tiny"}), ("snapshot", {"name": "web"})):
+            remote = f"{a.root}/inbox/{kind}.zip"
+            agent.call(f"{kind}.export", {**op_args, "dest": remote})
+            agent.transport.get_file(remote, world.dir / ("tiny.zip" if kind == "image" else "web.zip"))
+        agent.call("snapshot.rm", {"name": "web"})
+        agent.call("image.rm", {"id": image["id"]})
+        # The infrastructure repo: a bare origin, an operator's clone, the daemon's checkout.
+        bare = world.dir / "infra.git"
+        git(world.dir, "init", "-q", "--bare", "-b", "main", str(bare))
+        world.operator.mkdir()
+        git(world.operator, "init", "-q", "-b", "main")
+        (world.operator / ".gitignore").write_text(".nephele/\n")
+        (world.operator / "cloudlet.yaml").write_text(
+            world.manifest('  web-1: {snapshot: web, node: edge-a, ports: ["8080:80"]}\n')
+        )
+        git(world.operator, "add", ".")
+        git(world.operator, "commit", "-q", "-m", "web-1 on edge-a")
+        git(world.operator, "remote", "add", "origin", f"file://{bare}")
+        git(world.operator, "push", "-q", "-u", "origin", "main")
+        git(world.dir, "clone", "-q", f"file://{bare}", str(world.checkout))
+        yield world
+    finally:
+        if world.watcher is not None and world.thread is not None:
+            world.watcher.stopping.set()
+            world.watcher.wake.set()
+            world.thread.join(300)
+        for ag in world.agents.values():
+            ag.close()
+        c.down()
+
+
+# ------------------------------------------------------------------------------------------- tests
+
+
+def test_first_revision_converges(w: World) -> None:
+    opts = WatchOptions(
+        manifest=w.checkout / "cloudlet.yaml", git_poll=1.0, resync=5.0, debounce=0.3, timeout=20
+    )
+    w.watcher = Watcher(opts, say=w.lines.append)
+    w.thread = threading.Thread(target=w.watcher.serve, daemon=True)
+    w.thread.start()
+    wait_for(lambda: [n for n, _ in w.copies("web-1")] == ["edge-a"], 300, "web-1 on edge-a", w.lines)
+    assert wait_for(lambda: http(f"http://{w.address('edge-a')}:8080/cgi-bin/state"), 90, "HTTP", w.lines)
+    head = git(w.checkout, "rev-parse", "HEAD")
+    status = w.state / "status.json"
+    wait_for(lambda: status.is_file() and json.loads(status.read_text()).get("last_applied"), 30, "record")
+    assert json.loads(status.read_text())["last_applied"]["git_commit"] == head
+    starts = [
+        e for e in w.events() if e["event"] == "action" and e["action"] == "start_instance:instance/web-1"
+    ]
+    assert [e["result"] for e in starts] == ["start", "done"] and starts[1]["node"] == "edge-a"
+
+
+def test_editing_the_file_converges(w: World) -> None:
+    path = w.checkout / "cloudlet.yaml"
+    path.write_text(path.read_text().replace('ports: ["8080:80"]}', 'ports: ["8080:80"], state: paused}'))
+    wait_for(lambda: [i["state"] for _, i in w.copies("web-1")] == ["paused"], 120, "web-1 paused", w.lines)
+    git(w.checkout, "checkout", "--", "cloudlet.yaml")  # back to the committed revision
+    wait_for(lambda: [i["state"] for _, i in w.copies("web-1")] == ["running"], 120, "web-1 resumed", w.lines)
+    assert wait_for(lambda: http(f"http://{w.address('edge-a')}:8080/cgi-bin/state"), 60, "HTTP again")
+    revisions = [e["revision"] for e in w.events() if e["event"] == "revision" and e["result"] == "valid"]
+    assert any(r.endswith("(uncommitted changes)") for r in revisions)
+
+
+def test_a_pushed_commit_converges_and_is_recorded(w: World, capsys: Any) -> None:
+    commit = w.commit(
+        WEB1 + "  web-2: {snapshot: web, node: edge-b}\n",
+        "web-2 on edge-b",
+    )
+    wait_for(lambda: [n for n, _ in w.copies("web-2")] == ["edge-b"], 300, "web-2 on edge-b", w.lines)
+    status = w.state / "status.json"
+    wait_for(
+        lambda: (json.loads(status.read_text()).get("last_applied") or {}).get("git_commit") == commit,
+        60,
+        "the commit recorded",
+        w.lines,
+    )
+    assert git(w.checkout, "rev-parse", "HEAD") == commit
+    assert any(e["event"] == "git" and e["result"] == "fast_forward" for e in w.events())
+    state = read_state(w.state)
+    assert state is not None and state["alive"] and state["revision_applied"]["git_commit"] == commit
+    code = main(["status", "-f", str(w.checkout / "cloudlet.yaml")])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert f"main@sha1:{commit[:12]}" in out and "Watch daemon: running" in out, out
+
+
+def test_a_vm_destroyed_by_hand_is_restored(w: World) -> None:
+    [(node, inst)] = w.copies("web-2")
+    conn = libvirt.open(w.cloudlet.node(node).libvirt_uri)
+    try:
+        conn.lookupByUUIDString(inst["uuid"]).destroy()
+    finally:
+        conn.close()
+    wait_for(lambda: [i["state"] for _, i in w.copies("web-2")] != ["running"], 30, "the node to see it")
+    wait_for(
+        lambda: [i["state"] for _, i in w.copies("web-2")] == ["running"], 300, "web-2 restored", w.lines
+    )
+    drift = [e for e in w.events() if e["event"] == "drift" and e["instance"] == "web-2"]
+    assert drift and drift[-1]["result"] == "correcting"
+
+
+def test_a_broken_commit_is_reported_and_the_previous_state_kept(w: World) -> None:
+    good = git(w.checkout, "rev-parse", "HEAD")
+    before = {t: [(n, i["uuid"], i["state"]) for n, i in w.copies(t)] for t in ("web-1", "web-2")}
+    broken = w.commit(
+        WEB1 + "  web-2: {snapshot: web, node: edge-q}\n",
+        "typo",
+    )
+
+    def reported() -> list[dict[str, Any]]:
+        return [e for e in w.events() if e["event"] == "revision" and e["result"] == "invalid"]
+
+    [bad] = wait_for(reported, 60, "the broken revision reported", w.lines)
+    assert broken[:12] in bad["revision"]
+    problem = bad["problems"][0]
+    assert (
+        problem.startswith(f"{w.checkout / 'cloudlet.yaml'}:")
+        and "'edge-q' is not a declared node" in problem
+    )
+    time.sleep(12)  # two resyncs: the nodes keep the last good revision
+    after = {t: [(n, i["uuid"], i["state"]) for n, i in w.copies(t)] for t in ("web-1", "web-2")}
+    assert after == before
+    status = json.loads((w.state / "status.json").read_text())
+    assert status["last_applied"]["git_commit"] == good
+    state = read_state(w.state)
+    assert state is not None and state["alive"] and state["invalid_revision"]["problems"] == bad["problems"]
+
+
+def test_stop_is_clean(w: World) -> None:
+    assert w.watcher is not None and w.thread is not None
+    w.watcher.stopping.set()
+    w.watcher.wake.set()
+    w.thread.join(300)
+    assert not w.thread.is_alive()
+    state = read_state(w.state)
+    assert state is not None and state["state"] == "stopped" and not (w.state / "lock.json").exists()
+    w.watcher = None
