@@ -266,7 +266,12 @@ def run_nephele(c: Cloudlet, inst: dict[str, Any], rate: float) -> dict[str, Any
             source_address=a.address,
             via=(a.address, 8022),
         )
-        return {"downtime": res.downtime_s, "ok": True, "detail": res.destination.get("table_blocks")}
+        d = res.destination
+        detail = {
+            k: d.get(k) for k in ("iterations", "wire_bytes", "table_blocks", "downtime_s", "elapsed_s")
+        }
+        detail["source_elapsed_s"] = res.elapsed_s
+        return {"ok": True, "detail": detail}
     finally:
         proxy.stop()
 
@@ -381,6 +386,8 @@ def main() -> int:
     try:
         log("building the image on edge-a ...")
         cid = build_image(c, work)
+        for n in c.nodes[:2]:  # nodes index an image's references when it arrives, not during a handoff
+            agent(n).call("handoff.warm", {"image": cid})
         for rate in rates:
             c.set_link(rate)
             floor = None
@@ -402,7 +409,7 @@ def main() -> int:
                 ev.close()
                 ok = bool(r.get("ok")) and survived(c, before)
                 row = {"rate": rate, "method": m, "total_s": total, "link_bytes": nbytes, "downtime_s": dt,
-                       "survived": ok, "error": r.get("error")}  # fmt: skip
+                       "survived": ok, "error": r.get("error"), "detail": r.get("detail")}  # fmt: skip
                 log("  ", json.dumps(row))
                 rows.append(row)
                 if m == "nephele" and ok and floor is None:

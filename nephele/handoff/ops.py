@@ -31,6 +31,16 @@ def _receive(ctx: NodeContext, args: dict[str, Any]) -> Any:
     return dest.receive(ctx, args)
 
 
+def _warm(ctx: NodeContext, args: dict[str, Any]) -> Any:
+    """Build the reference images and block indexes of an image now (what a handoff would otherwise do
+    first): call it when an image arrives on a node."""
+    from nephele.handoff import refs
+    from nephele.node import images
+
+    image = images.resolve(ctx.store, str(args.get("image") or ""))
+    return {"image": image.content_id, "refs": sorted(refs.prepare(ctx.store, image))}
+
+
 def _cleanup(ctx: NodeContext, args: dict[str, Any]) -> Any:
     from nephele.handoff import dest
 
@@ -42,4 +52,5 @@ HANDOFF_OPS: dict[str, Op] = {
     "handoff.send": _send,
     "handoff.receive": _receive,
     "handoff.cleanup": _cleanup,
+    "handoff.warm": _warm,
 }
