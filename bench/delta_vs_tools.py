@@ -2,16 +2,18 @@
 """nephele's delta engine against what a user would pick instead, on one deterministic workload.
 
     python bench/delta_vs_tools.py [--workdir DIR] [--disk-mib N --mem-mib N] [--seed S] [--scale X]
-                                   [--quick] [--tools LIST] [--repeat N] [--json FILE] [--strict]
+                                   [--quick] [--tools LIST] [--codecs LIST] [--repeat N] [--json FILE]
+                                   [--strict]
 
 Generates (or reuses, after checking its hashes) the workload of bench/workload.py, then in one run measures
 on D1+M1: nephele encode and decode (each in its own process, so its peak RSS is its own; the decoded images
 are compared byte for byte with D1/M1), `xdelta3 -e -s` (default and -B 1 GiB source window),
 `zstd --patch-from --long=31`, an rsync batch with 4 KiB blocks then `zstd -1` of the batch, and plain
 `zstd -1`. Every tool sees only the base of its own image (D0 for D1, M0 for M1); nephele sees both bases,
-which is the design. Files are read once before each timed run, so every method starts from a warm page cache.
+which is the design. Files are read once (and dirty pages flushed) before each timed run, so every method
+starts from a warm page cache. bench/README.md explains every column.
 
-Prints one table (seconds, input MB/s, output bytes, peak RSS, implied handoff time at 20 and 100 Mbit/s),
+Prints one table (seconds, input MB/s, output bytes, peak memory, implied handoff time at 20 and 100 Mbit/s),
 then the issue-3 targets with PASS/FAIL as ratios. Exit status: 1 if a measurement failed (a tool error, or
 nephele's decode differing from D1/M1); target misses only fail the run with --strict.
 """
@@ -66,7 +68,7 @@ class Run:
     """One method over D1+M1 (its images summed)."""
 
     method: str
-    role: str  # "encode" (a handoff candidate) or "decode"
+    role: str  # "encode" (a handoff candidate), "decode" or "index"
     input_bytes: int
     seconds: float = 0.0
     cpu_seconds: float = 0.0
