@@ -881,9 +881,9 @@ class Watcher:
         self.prepare()
         self._install_signals()
         self.pending.add("start")
+        git = GitPoller(Path(self.path).resolve().parent) if self.opts.git_poll else None
         watcher = FileWatcher([Path(self.path), self.directory / SUSPEND_FILE], self.on_file_event)
         watcher.start()
-        git = GitPoller(Path(self.path).resolve().parent) if self.opts.git_poll else None
         now = self.clock()
         next_resync = now + jittered(self.opts.resync, self.rng)
         next_git = now if git else float("inf")

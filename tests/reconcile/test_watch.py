@@ -706,3 +706,13 @@ def test_a_restart_mid_handoff_waits_then_resumes_or_retries(tmp_path: Path, end
     else:
         assert out.result == "applied" and ("edge-a", "instance.handoff") in fc.mutations()
     assert [n for n, _ in fc.find("web-1")] == ["edge-b"]
+
+
+def test_git_poll_outside_a_work_tree_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write(tmp_path, WEB1)
+    fc = FakeCloudlet("edge-a", "edge-b")
+    monkeypatch.setattr(cmd_watch, "TRANSPORT_FACTORY", fc.factory)
+    assert main(["watch", "-f", str(path), "--git-poll", "10s"]) == 1
+    assert not fc.mutations()
