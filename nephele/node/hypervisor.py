@@ -336,6 +336,48 @@ class Hypervisor:
                 self.conn.domainEventDeregisterAny(cb)
 
 
+EVENT_NAMES = (
+    "defined",
+    "undefined",
+    "started",
+    "suspended",
+    "resumed",
+    "stopped",
+    "shutdown",
+    "pmsuspended",
+    "crashed",
+)
+SUSPENDED_DETAILS = ("paused", "migrated", "ioerror", "watchdog", "restored", "from_snapshot", "api_error")
+STOPPED_DETAILS = ("shutdown", "destroyed", "crashed", "migrated", "saved", "failed", "from_snapshot")
+
+
+def event_name(event: int, detail: int) -> str:
+    """A lifecycle event as text: 'suspended:paused' (a user pause), 'stopped:saved', 'undefined', ..."""
+    name = EVENT_NAMES[event] if 0 <= event < len(EVENT_NAMES) else f"event{event}"
+    details = {"suspended": SUSPENDED_DETAILS, "stopped": STOPPED_DETAILS}.get(name)
+    if details is None:
+        return name
+    return f"{name}:{details[detail] if 0 <= detail < len(details) else detail}"
+
+
+def watch_lifecycle(hv: Hypervisor, uuid: str, on_event: Callable[[str], None]) -> Callable[[], None]:
+    """Call on_event(event_name) for every lifecycle event of one domain (from libvirt's event thread).
+    Returns the function that stops watching."""
+
+    def cb(_conn: Any, d: Any, event: int, detail: int, _opaque: Any) -> None:
+        if d.UUIDString() == uuid:
+            on_event(event_name(event, detail))
+
+    with libvirt_errors("cannot listen for domain events"):
+        cb_id = hv.conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, cb, None)
+
+    def stop() -> None:
+        with suppress(libvirt.libvirtError):
+            hv.conn.domainEventDeregisterAny(cb_id)
+
+    return stop
+
+
 def qemu_pid(domain_name: str) -> int | None:
     """The QEMU process of a domain, found by its `-name guest=NAME` argument (works whatever mount
     namespace libvirtd keeps its pid files in)."""

@@ -219,6 +219,11 @@ def run(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
         except BaseException:
             _cleanup(ctx, uuid)
             raise
+    if snap is not None and restore_file is not None:
+        from nephele.node import supervisor  # supervisor imports this module
+
+        pid = supervisor.spawn(ctx, uuid)
+        ctx.log.info("supervisor %d started for %s (a pause captures %s_N)", pid, uuid, snap[1]["name"])
     info = ctx.hv.info(dom)
     ctx.log.info("run %s (%s) from image %s ports %s", title, uuid, image.content_id, tags["ports"])
     return {"host": ctx.hostname, **record(info)}
@@ -244,6 +249,13 @@ def _cleanup(ctx: NodeContext, uuid: str) -> None:
     ctx.store.remove_instance_dir(uuid)
 
 
+def disk_of(info: DomainInfo) -> Path:
+    path = dx.disk_path(info.xml)
+    if not path:
+        raise NodeError(f"instance {info.uuid} has no disk")
+    return Path(path)
+
+
 def _domain(ctx: NodeContext, args: dict[str, Any]) -> tuple[DomainInfo, Any]:
     info = select(ctx, args.get("instance"))
     dom = ctx.hv.lookup(info.uuid)
@@ -264,6 +276,8 @@ def pause(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
     if info.state == "stopped":
         raise Conflict(f"instance {info.tags.get('title')!r} is stopped; it cannot be paused")
     if info.state != "paused":
+        # Tagged first, so the instance's supervisor knows this pause is not a user's snapshot request.
+        ctx.hv.set_tags(dom, {**info.tags, "paused_by": "nephele"})
         ctx.hv.suspend(dom)
     ctx.log.info("pause %s (%s)", info.tags.get("title"), info.uuid)
     return record(ctx.hv.info(dom))
@@ -275,6 +289,8 @@ def resume(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
         raise Conflict(f"instance {info.tags.get('title')!r} is stopped; use start")
     if info.state == "paused":
         ctx.hv.resume(dom)
+    if "paused_by" in info.tags:
+        ctx.hv.set_tags(dom, {k: v for k, v in info.tags.items() if k != "paused_by"})
     ctx.log.info("resume %s (%s)", info.tags.get("title"), info.uuid)
     return record(ctx.hv.info(dom))
 

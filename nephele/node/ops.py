@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from nephele import __version__
-from nephele.node import history, images, instances, observe, snapshots
+from nephele.node import history, images, instances, observe, snapshots, supervisor
 from nephele.node.runtime import NodeContext
 
 Op = Callable[[NodeContext, dict[str, Any]], Any]
@@ -61,5 +61,6 @@ OPS: dict[str, Op] = {
     "instance.start": instances.start,
     "instance.rm": instances.rm,
     "instance.handoff_url": instances.set_handoff_url,
+    "instance.capture": supervisor.capture,
     "handoff.history": history.op,  # the handoffs this node received (nephele handoffs)
 }

@@ -130,12 +130,11 @@ def build(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
         raise Conflict(f"a snapshot named {name!r} already exists on this node (snapshot rm it first)")
     disk_only = bool(args.get("disk_only"))
     timeout = args.get("timeout")
-    ram = image_ram(ctx, rec)
     with ctx.store.staging("snapshot") as stage:
         dom_uuid = str(uuidlib.uuid4())
         dom_name = f"nephele-snap-{dom_uuid[:8]}"
         overlay = stage / "disk.qcow2"
-        _qemu_img(["create", "-q", "-f", "qcow2", "-b", str(rec.disk), "-F", "raw", str(overlay)])
+        qemu_img(["create", "-q", "-f", "qcow2", "-b", str(rec.disk), "-F", "raw", str(overlay)])
         boot = rec.meta.get("boot") or {}
         xml = dx.rewrite_for_instance(
             ctx.hv.saved_xml(rec.memory),
@@ -172,61 +171,82 @@ def build(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
         finally:
             ctx.hv.destroy(dom)
         t1 = time.monotonic()
-        _qemu_img(["convert", "-O", "raw", str(overlay), str(stage / "disk.raw")])
+        qemu_img(["convert", "-O", "raw", str(overlay), str(stage / "disk.raw")])
         overlay.unlink()
-        targets = [Target("disk", "disk", stage / "disk.raw", DISK_REF)]
-        refs: dict[str, Path] = {DISK_REF: rec.disk}
-        state_dir = stage / STATE_DIR
-        state_dir.mkdir()
-        ram_files: dict[str, str] = {}
-        if not disk_only:
-            parts = split_save_image(stage / "memory.save", state_dir)
-            store_parts(parts, state_dir)
-            for block, path in parts.ram.items():
-                base = _mem_ref(block) if block in ram else None
-                if base:
-                    refs[base] = ram[block]
-                targets.append(Target(_mem_ref(block), "memory", path, base))
-                ram_files[block] = path.name
-        target_hashes = hash_files(stage, ["disk.raw"])
-        for t in targets[1:]:
-            target_hashes[t.name] = hash_files(t.path.parent, [t.path.name])[t.path.name]
-        with open(stage / DELTA, "wb") as out:
-            stats = encode_files(refs, targets, out)
-            out.flush()
-            os.fsync(out.fileno())
-        encode_s = time.monotonic() - t1
-        # Only the delta and the small state parts stay; the full images are rebuilt on run.
-        (stage / "disk.raw").unlink()
-        (stage / "memory.save").unlink()
-        for f in ram_files.values():
-            (state_dir / f).unlink()
         (stage / "serial.log").unlink(missing_ok=True)
-        cid = content_id({"image": rec.content_id, **{n: str(h["sha256"]) for n, h in target_hashes.items()}})
-        meta = {
-            "format": SNAPSHOT_FORMAT,
-            "content_id": cid,
-            "name": name,
-            "title": args.get("title"),
-            "image": rec.content_id,
-            "created": images.now_iso(),
-            "disk_only": disk_only,
-            "ram_files": ram_files,
-            "targets": target_hashes,
-            "files": hash_files(stage, [DELTA]),
-            "stats": _stats(stats),
-        }
-        atomic_write_json(stage / "meta.json", meta)
-        with ctx.store.lock("snapshot build"):
-            target_dir = ctx.store.snapshots / cid
-            if target_dir.exists():
-                raise Conflict(f"an identical snapshot is already stored ({cid[:12]})")
-            os.chmod(stage, 0o755)
-            os.rename(stage, target_dir)
-            fsync_dir(ctx.store.snapshots)
-    ctx.log.info("snapshot build %s from image %s -> %s", name, rec.content_id, cid)
+        target_dir, meta = store_capture(ctx, rec, stage, name, args.get("title"), disk_only)
+        encode_s = time.monotonic() - t1
+    ctx.log.info("snapshot build %s from image %s -> %s", name, rec.content_id, meta["content_id"])
     out_summary = summary(target_dir, meta, ctx.store)
     return {**out_summary, "seconds": {"until_paused": round(paused_after, 2), "encode": round(encode_s, 2)}}
+
+
+def store_capture(
+    ctx: NodeContext, rec: ImageRecord, stage: Path, name: str, title: Any, disk_only: bool
+) -> tuple[Path, dict[str, Any]]:
+    """Turn `stage/disk.raw` + `stage/memory.save` (a captured VM) into a stored snapshot: one delta
+    against the image `rec`, plus the save image's small parts. `stage` is renamed into the store."""
+    ram = {} if disk_only else image_ram(ctx, rec)
+    targets = [Target("disk", "disk", stage / "disk.raw", DISK_REF)]
+    refs: dict[str, Path] = {DISK_REF: rec.disk}
+    state_dir = stage / STATE_DIR
+    state_dir.mkdir()
+    ram_files: dict[str, str] = {}
+    if not disk_only:
+        parts = split_save_image(stage / "memory.save", state_dir)
+        store_parts(parts, state_dir)
+        for block, path in parts.ram.items():
+            base = _mem_ref(block) if block in ram else None
+            if base:
+                refs[base] = ram[block]
+            targets.append(Target(_mem_ref(block), "memory", path, base))
+            ram_files[block] = path.name
+    target_hashes = hash_files(stage, ["disk.raw"])
+    for t in targets[1:]:
+        target_hashes[t.name] = hash_files(t.path.parent, [t.path.name])[t.path.name]
+    with open(stage / DELTA, "wb") as out:
+        stats = encode_files(refs, targets, out)
+        out.flush()
+        os.fsync(out.fileno())
+    # Only the delta and the small state parts stay; the full images are rebuilt on run.
+    (stage / "disk.raw").unlink()
+    (stage / "memory.save").unlink(missing_ok=True)
+    for f in ram_files.values():
+        (state_dir / f).unlink()
+    cid = content_id({"image": rec.content_id, **{n: str(h["sha256"]) for n, h in target_hashes.items()}})
+    meta = {
+        "format": SNAPSHOT_FORMAT,
+        "content_id": cid,
+        "name": name,
+        "title": title,
+        "image": rec.content_id,
+        "created": images.now_iso(),
+        "disk_only": disk_only,
+        "ram_files": ram_files,
+        "targets": target_hashes,
+        "files": hash_files(stage, [DELTA]),
+        "stats": _stats(stats),
+    }
+    atomic_write_json(stage / "meta.json", meta)
+    with ctx.store.lock("snapshot store"):
+        target_dir = ctx.store.snapshots / cid
+        if target_dir.exists():
+            raise Conflict(f"an identical snapshot is already stored ({cid[:12]})")
+        if any(m["name"] == name for _, m in list_snapshots(ctx.store)):
+            raise Conflict(f"a snapshot named {name!r} already exists on this node")
+        os.chmod(stage, 0o755)
+        os.rename(stage, target_dir)
+        fsync_dir(ctx.store.snapshots)
+    return target_dir, meta
+
+
+def next_name(store: Store, base: str) -> str:
+    """NAME_1, NAME_2, ...: the first not taken (the original's increment_filename)."""
+    taken = {m["name"] for _, m in list_snapshots(store)}
+    n = 1
+    while f"{base}_{n}" in taken:
+        n += 1
+    return f"{base}_{n}"
 
 
 def _stats(stats: Any) -> dict[str, Any]:
@@ -239,7 +259,7 @@ def _stats(stats: Any) -> dict[str, Any]:
     return {"repr": repr(stats)[:500]}
 
 
-def _qemu_img(argv: list[str]) -> None:
+def qemu_img(argv: list[str]) -> None:
     proc = subprocess.run(["qemu-img", *argv], capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise InvalidInput(f"qemu-img {argv[0]} failed: {proc.stderr.strip()}")

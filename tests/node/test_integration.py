@@ -473,8 +473,43 @@ def test_snapshot_build_run_export_import(
         # It resumes where the snapshot was paused: later than the image's capture point.
         assert float(parse_state(body)["uptime"]) >= built.ready_uptime + 3
         assert aa.call("instance.ls")[0]["snapshot"] == "web"
+        # Pausing it as a user would (through libvirt) writes web_1: a flat delta against the same
+        # image; the VM stays paused where it was. nephele's own pause captures nothing.
+        conn = libvirt.open(a.libvirt_uri)
+        try:
+            conn.lookupByUUIDString(r["uuid"]).suspend()
+        finally:
+            conn.close()
+
+        def snapshot_names() -> list[str] | None:
+            names = [s["name"] for s in aa.call("snapshot.ls")]
+            return names if "web_1" in names else None
+
+        names = wait_for(snapshot_names, 90, "snapshot web_1 after a user pause")
+        assert names == ["web", "web_1"]
+        web1 = aa.call("snapshot.ls")[1]
+        assert (
+            web1["image"] == built.image["content_id"]
+            and web1["delta_bytes"] < built.image["memory_bytes"] // 4
+        )
+        assert aa.call("instance.ls")[0]["state"] == "paused"
+        aa.call("instance.resume", {"instance": r["uuid"]})
+        after = parse_state(
+            wait_for(lambda: _try_http(f"http://{a.address}:18084/cgi-bin/state"), 30, "HTTP")
+        )
+        assert int(after["counter"]) >= int(parse_state(body)["counter"])
+        aa.call("instance.pause", {"instance": r["uuid"]})
+        time.sleep(3)
+        assert [s["name"] for s in aa.call("snapshot.ls")] == ["web", "web_1"]
     finally:
         aa.call("instance.rm", {"instance": r["uuid"]})
+    supervisors = a.run(["pgrep", "-f", f"agent supervise {r['uuid']}"]).stdout.split()
+    assert wait_for(
+        lambda: not a.run(["pgrep", "-f", f"agent supervise {r['uuid']}"]).stdout.strip(),
+        30,
+        f"the supervisor to exit (was {supervisors})",
+    )
+    aa.call("snapshot.rm", {"path": "web_1"})
 
     # To node B: the image first (the snapshot is a delta against it), then the small snapshot zip.
     exp = aa.call("snapshot.export", {"name": "web", "dest": f"{a.root}/inbox/web.zip"})
