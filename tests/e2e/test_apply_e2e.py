@@ -1,0 +1,347 @@
+"""`nephele apply` / `status` end to end on a real 2-node cloudlet: libvirtd, QEMU (TCG) and sshd per node,
+the controller in this process reaching the nodes' agents over SSH.
+
+The module builds its own base image and snapshot on a private cloudlet (scripted pauses, as a user
+would pause in virt-manager), exports them to the host as the manifest's source files, clears the node,
+then drives the manifest through its life: apply from scratch, re-apply (no-op), stop, start, a second
+instance, prune off / on, a node whose sshd is stopped, an apply killed mid-run and resumed (stale lock
+named, broken with force-unlock), a stale saved plan refused, a bad manifest refused before any node is
+touched, status. At most two VMs run at once. Tests run in file order and share one cloudlet.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import libvirt
+import pytest
+
+from nephele.agent import Agent
+from nephele.agent.nodes import transport_for_node
+from nephele.cli.main import main
+from nephele.cloudlet import Cloudlet, reap_orphans
+from nephele.cloudlet.guest import GuestFiles, cmdline
+
+pytestmark = pytest.mark.integration
+
+WORKDIR = Path(tempfile.gettempdir()) / "nephele-test-cloudlets"
+
+
+@dataclass
+class World:
+    cloudlet: Cloudlet
+    dir: Path
+    agents: dict[str, Agent] = field(default_factory=dict)
+
+    @property
+    def manifest(self) -> Path:
+        return self.dir / "cloudlet.yaml"
+
+    @property
+    def state(self) -> Path:
+        return self.dir / ".nephele" / "e2e"
+
+    def write(self, instances: str, prune: bool = False) -> None:
+        self.manifest.write_text(
+            "apiVersion: nephele.dev/v1\nkind: Cloudlet\nmetadata: {name: e2e}\n"
+            + self.cloudlet.manifest_nodes()
+            + "images:\n  tiny: {source: tiny.zip}\n"
+            + "snapshots:\n  web: {image: tiny, source: web.zip}\n"
+            + "instances:\n"
+            + (instances or "  {}\n")
+            + f"policy: {{prune: {'true' if prune else 'false'}}}\n"
+        )
+
+    def address(self, node: str) -> str:
+        return self.cloudlet.node(node).address
+
+    def instances(self, node: str) -> dict[str, dict[str, Any]]:
+        result: dict[str, dict[str, Any]] = self.agents[node].call("observe")["instances"]
+        return result
+
+
+def wait_for(pred: Any, timeout: float, what: str, step: float = 0.3) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(step)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def http(url: str) -> str | None:
+    try:
+        with urllib.request.urlopen(url, timeout=3) as resp:
+            return str(resp.read().decode())
+    except OSError:
+        return None
+
+
+def counter(body: str) -> int:
+    return int(dict(kv.split("=", 1) for kv in body.split() if "=" in kv)["counter"])
+
+
+def nephele(capsys: Any, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _scripted_pause(node: Any, prefix: str, call: Any, ready: Any) -> Any:
+    """Run `call` (a node op that boots a VM and waits for its pause) in a thread; pause the VM it
+    starts (name prefix) once `ready(dom)` says so, through the node's libvirtd."""
+    outcome: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            outcome["result"] = call()
+        except Exception as exc:  # reported below
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=work, daemon=True)
+    worker.start()
+    conn = libvirt.open(node.libvirt_uri)
+    try:
+
+        def find() -> Any:
+            if "error" in outcome:
+                raise outcome["error"]
+            for d in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
+                if d.name().startswith(prefix):
+                    return d
+            return None
+
+        dom = wait_for(find, 180, f"the {prefix} VM")
+        wait_for(lambda: ready(dom), 180, f"{prefix} VM ready")
+        dom.suspend()
+    finally:
+        conn.close()
+    worker.join(300)
+    assert not worker.is_alive(), f"{prefix}: the node op did not return after the pause"
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+@pytest.fixture(scope="module")
+def w(guest: GuestFiles, tmp_path_factory: Any) -> Iterator[World]:
+    reap_orphans(WORKDIR)
+    # A private cloudlet on a fast link: the source files cross host -> node, and the tests are about
+    # the reconciler, not the WAN.
+    c = Cloudlet.up(
+        f"ea{os.getpid() % 100000}", 2, rate_mbit=1000, delay_ms=0, workdir=WORKDIR, owner_pid=os.getpid()
+    )
+    world = World(c, tmp_path_factory.mktemp("e2e"))
+    try:
+        for spec in c.node_specs():
+            world.agents[spec.name] = Agent(transport_for_node(spec, timeout=600))
+        a = c.nodes[0]
+        agent = world.agents[a.name]
+        inbox = a.host_root / "inbox"
+        inbox.mkdir(parents=True, exist_ok=True)
+        desc = {
+            "disk": str(guest.disk),
+            "kernel": str(guest.kernel),
+            "initrd": str(guest.initrd),
+            "cmdline": cmdline(fill_mib=8, dirty_mib=1, disk_kib=4),
+            "memory_kib": 131072,
+            "name": "tiny",
+        }
+        (inbox / "tiny.json").write_text(json.dumps(desc))
+
+        def serial_ready(dom: Any) -> bool:
+            import xml.etree.ElementTree as ET
+
+            src = ET.fromstring(dom.XMLDesc(0)).find("devices/serial/source")
+            assert src is not None
+            path = a.host_root / Path(str(src.get("path"))).relative_to(a.root)
+            return path.is_file() and b"NEPHELE-READY" in path.read_bytes()
+
+        image = _scripted_pause(
+            a,
+            "nephele-build-",
+            lambda: agent.call("image.build", {"path": f"{a.root}/inbox/tiny.json", "timeout": 300}),
+            serial_ready,
+        )
+        started = time.monotonic()
+        _scripted_pause(
+            a,
+            "nephele-snap-",
+            lambda: agent.call("snapshot.build", {"image": image["id"], "dest": "web", "timeout": 300}),
+            lambda dom: time.monotonic() - started > 3,  # let the guest run (and change) a little
+        )
+        for kind, op_args in (("image", {"id": "tiny"}), ("snapshot", {"name": "web"})):
+            remote = f"{a.root}/inbox/{kind}.zip"
+            agent.call(f"{kind}.export", {**op_args, "dest": remote})
+            agent.transport.get_file(remote, world.dir / ("tiny.zip" if kind == "image" else "web.zip"))
+        # A clean node: the manifest's apply brings both back from the source files.
+        agent.call("snapshot.rm", {"name": "web"})
+        agent.call("image.rm", {"id": image["id"]})
+        yield world
+    finally:
+        for ag in world.agents.values():
+            ag.close()
+        c.down()
+
+
+def running_copies(w: World, title: str) -> list[tuple[str, dict[str, Any]]]:
+    return [(n, i) for n in w.agents for t, i in w.instances(n).items() if t == title]
+
+
+# ------------------------------------------------------------------------------------------- tests
+
+
+def test_apply_from_scratch_serves_http(w: World, capsys: Any) -> None:
+    w.write('  web-1: {snapshot: web, node: edge-a, ports: ["8080:80"]}\n')
+    code, out, err = nephele(capsys, "apply", "-f", str(w.manifest), "--auto-approve")
+    assert code == 0, out + err
+    assert "Plan: 1 to start, 0 to change, 0 to hand off, 0 to stop, 0 to prune, 3 to import." in out
+    assert "Apply complete: 1 started, 0 changed, 0 handed off, 0 stopped, 0 pruned, 3 imported." in out
+    [(node, inst)] = running_copies(w, "web-1")
+    assert node == "edge-a" and inst["state"] == "running" and inst["manifest"] == "e2e"
+    body = wait_for(lambda: http(f"http://{w.address('edge-a')}:8080/cgi-bin/state"), 60, "HTTP on edge-a")
+    assert counter(body) >= 1
+    inv = json.loads((w.state / "inventory.json").read_text())["entries"]
+    assert {"kind": "instance", "name": "web-1", "node": "edge-a"} in inv
+
+
+def test_reapply_is_a_noop(w: World, capsys: Any) -> None:
+    code, out, _ = nephele(capsys, "apply", "-f", str(w.manifest), "--auto-approve")
+    assert code == 0 and "No changes. The cloudlet matches the manifest." in out
+    code, out, _ = nephele(capsys, "status", "-f", str(w.manifest), "-o", "json")
+    doc = json.loads(out)
+    assert code == 0 and doc["ready"] is True
+    assert doc["instances"][0]["condition"] == "Ready" and doc["instances"][0]["actual"]["node"] == "edge-a"
+    assert doc["last_applied"]["revision"] == doc["revision"]["text"]
+
+
+def test_stop_then_start(w: World, capsys: Any) -> None:
+    w.write('  web-1: {snapshot: web, node: edge-a, ports: ["8080:80"], state: stopped}\n')
+    code, out, err = nephele(capsys, "apply", "-f", str(w.manifest), "--auto-approve")
+    assert code == 0, out + err
+    assert "Apply complete: 0 started, 0 changed, 0 handed off, 1 stopped" in out
+    assert w.instances("edge-a")["web-1"]["state"] == "stopped"
+    assert http(f"http://{w.address('edge-a')}:8080/cgi-bin/state") is None
+    w.write('  web-1: {snapshot: web, node: edge-a, ports: ["8080:80"]}\n')
+    code, out, err = nephele(capsys, "apply", "-f", str(w.manifest), "--auto-approve")
+    assert code == 0, out + err
+    assert "Apply complete: 1 started" in out
+    assert wait_for(lambda: http(f"http://{w.address('edge-a')}:8080/cgi-bin/state"), 90, "HTTP after start")
+
+
+def test_prune_off_keeps_then_unreachable_node_is_left_alone_then_prune_on(w: World, capsys: Any) -> None:
+    both = (
+        '  web-1: {snapshot: web, node: edge-a, ports: ["8080:80"]}\n  web-2: {snapshot: web, node: edge-b}\n'
+    )
+    w.write(both)
+    code, out, err = nephele(capsys, "apply", "-f", str(w.manifest), "--auto-approve")
+    assert code == 0, out + err
+    assert [n for n, _ in running_copies(w, "web-2")] == ["edge-b"]
+    only1 = '  web-1: {snapshot: web, node: edge-a, ports: ["8080:80"]}\n'
+    w.write(only1, prune=False)
+    code, out, _ = nephele(capsys, "apply", "-f", str(w.manifest), "--auto-approve")
+    assert code == 0 and "not pruned (policy.prune is off)" in out
+    assert [n for n, _ in running_copies(w, "web-2")] == ["edge-b"]
+    # prune on, but edge-b does not answer: nothing is pruned there, the rest goes on.
+    w.write(only1, prune=True)
+    w.cloudlet.stop_sshd("edge-b")
+    try:
+        code, out, err = nephele(capsys, "apply", "-f", str(w.manifest), "--auto-approve", "--timeout", "10")
+        assert code == 0, out + err
+        assert "node edge-b is unreachable since" in out and "nothing is pruned there" in out
+        assert "No changes on the nodes that answered; 1 object is unknown" in out
+        code, out, _ = nephele(capsys, "status", "-f", str(w.manifest), "--timeout", "10")
+        assert "Unreachable nodes:" in out and "edge-b: since" in out
+    finally:
+        w.cloudlet.start_sshd("edge-b")
+    assert [n for n, _ in running_copies(w, "web-2")] == ["edge-b"]
+    code, out, err = nephele(capsys, "apply", "-f", str(w.manifest), "--auto-approve")
+    assert code == 0, out + err
+    # web-2, and the copy of snapshot web that only web-2 needed on edge-b.
+    assert "2 pruned" in out and "- snapshot/web    remove on edge-b" in out
+    assert running_copies(w, "web-2") == []
+    assert w.agents["edge-b"].call("observe")["snapshots"] == {}
+
+
+def test_killed_apply_resumes_without_duplicates(w: World, capsys: Any) -> None:
+    w.write(
+        '  web-1: {snapshot: web, node: edge-a, ports: ["8080:80"]}\n'
+        "  web-2: {snapshot: web, node: edge-b}\n",
+        prune=True,
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nephele", "apply", "-f", str(w.manifest), "--auto-approve"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    journal = w.state / "journal.jsonl"
+
+    def started() -> bool:
+        return journal.is_file() and '"action": "start_instance:instance/web-2"' in journal.read_text()
+
+    try:
+        wait_for(started, 120, "the apply to start web-2")
+        time.sleep(0.5)  # the node is now restoring the VM
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    time.sleep(3)  # let the node's agent notice its SSH session died and finish or undo its work
+    code, _, err = nephele(capsys, "apply", "-f", str(w.manifest), "--auto-approve")
+    assert code == 1 and "so the lock is stale" in err and "nephele force-unlock" in err
+    lock_id = json.loads((w.state / "lock.json").read_text())["id"]
+    assert nephele(capsys, "force-unlock", lock_id, "-f", str(w.manifest))[0] == 0
+    code, out, err = nephele(capsys, "apply", "-f", str(w.manifest), "--auto-approve")
+    assert code == 0, out + err
+    assert "The last apply was killed while running start_instance:instance/web-2" in out
+    assert [n for n, _ in running_copies(w, "web-2")] == ["edge-b"]
+    assert [n for n, _ in running_copies(w, "web-1")] == ["edge-a"]
+    code, out, _ = nephele(capsys, "apply", "-f", str(w.manifest), "--auto-approve")
+    assert code == 0 and "No changes." in out
+
+
+def test_stale_saved_plan_is_refused(w: World, capsys: Any) -> None:
+    w.write(
+        '  web-1: {snapshot: web, node: edge-a, ports: ["8080:80"]}\n'
+        "  web-2: {snapshot: web, node: edge-b, state: stopped}\n",
+        prune=True,
+    )
+    plan_file = w.dir / "stop.plan"
+    code, out, _ = nephele(capsys, "plan", "-f", str(w.manifest), "-out", str(plan_file))
+    assert code == 0 and "Plan: 0 to start, 0 to change, 0 to hand off, 1 to stop" in out
+    w.agents["edge-b"].call("instance.pause", {"instance": "web-2"})  # the world moves on
+    code, out, err = nephele(capsys, "apply", str(plan_file))
+    assert code == 1 and "the saved plan no longer matches the nodes; nothing was done" in err
+    assert "instance web-2 running on edge-b" in err and "it is paused now" in err
+    assert w.instances("edge-b")["web-2"]["state"] == "paused"
+    code, out, err = nephele(capsys, "plan", "-f", str(w.manifest), "-out", str(plan_file))
+    code, out, err = nephele(capsys, "apply", str(plan_file))
+    assert code == 0, out + err
+    assert w.instances("edge-b")["web-2"]["state"] == "stopped"
+
+
+def test_bad_manifest_touches_no_node(w: World, capsys: Any) -> None:
+    before = {n: w.instances(n) for n in w.agents}
+    w.manifest.write_text(w.manifest.read_text().replace("node: edge-b", "node: edge-z"))
+    code, out, err = nephele(capsys, "apply", "-f", str(w.manifest), "--auto-approve")
+    assert code == 1 and out == "" and "'edge-z' is not a declared node" in err
+    assert {n: w.instances(n) for n in w.agents} == before
+
+
+def test_everything_pruned_at_the_end(w: World, capsys: Any) -> None:
+    w.write("", prune=True)
+    code, out, err = nephele(capsys, "apply", "-f", str(w.manifest), "--auto-approve")
+    assert code == 0, out + err
+    assert all(w.instances(n) == {} for n in w.agents)
