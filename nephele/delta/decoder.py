@@ -1,11 +1,12 @@
 """The receiving side: parse frames as they arrive, rebuild each target, verify, then publish.
 
 Each target is rebuilt in a temporary file beside its output (or a scratch file for a callback-only sink).
-Blocks arriving in order go through a 16 MiB window that starts as the base image's bytes and is written
-out sequentially (zero runs are left as holes); blocks behind the window (later pre-copy iterations) are
-written in place. The decoder keeps the nph128 hash of every block it holds, so the END frame's digests
-are checked without reading the images back. Only then, in close(), are the files fsynced and renamed.
-On any error every temporary file is removed and nothing appears at the output paths.
+Blocks arriving in order collect in a 16 MiB window; when the stream moves past it, a writer thread
+writes the blocks the stream sent and has the kernel copy the rest from the base image
+(copy_file_range), leaving zero blocks as holes. Blocks behind the window (later pre-copy iterations)
+are written in place. The decoder keeps the nph128 hash of every block it holds, so the END frame's
+digests are checked without reading the images back. Only then, in close(), are the files fsynced and
+renamed. On any error every temporary file is removed and nothing appears at the output paths.
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ from nephele.delta.stats import StreamStats
 from nephele.errors import DeltaError, NepheleError, StreamCorrupt, StreamTruncated, VerificationFailed
 
 WINDOW_BLOCKS = 4096  # 16 MiB; two buffers per target (one being written)
-HOLE_MIN_BLOCKS = 1  # zero blocks stay holes in the rebuilt file (less to write and fsync)
 
 
 def _verification(msg: str, *, offset: int) -> VerificationFailed:
@@ -69,15 +69,32 @@ def _as_sink(spec: SinkSpec) -> Sink:
     raise DeltaError(f"not a sink: {spec!r}")
 
 
+def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    """[start, stop) of every run of True in a bool array."""
+    edges = np.flatnonzero(np.diff(np.concatenate(([False], mask, [False])).astype(np.int8)))
+    return list(zip(edges[0::2].tolist(), edges[1::2].tolist(), strict=True))
+
+
 class _Image:
     """A target image being rebuilt in a temporary file."""
 
-    def __init__(self, sink: Sink, name: str, size: int, base: RefReader | None, sha256: bool) -> None:
+    def __init__(
+        self,
+        sink: Sink,
+        name: str,
+        size: int,
+        base: RefReader | None,
+        base_hashes: np.ndarray | None,
+        sha256: bool,
+    ) -> None:
         self.final = sink.path
         self.size = size
         self.nblocks = nblocks_of(size)
         self.base = base
         self.base_n = base.nblocks if base is not None else 0
+        # Which base blocks hold data (from the base's index): zero ones become holes, not copies.
+        zh = np.array(zero_hash(), np.uint64)
+        self.base_data = (base_hashes != zh).any(axis=1) if base_hashes is not None else np.zeros(0, np.bool_)
         d = sink.path.parent if sink.path is not None else sink.scratch_dir
         prefix = f".{sink.path.name}." if sink.path is not None else f"nephele-{name}."
         try:
@@ -91,69 +108,77 @@ class _Image:
         self.wstart = 0
         self.win: np.ndarray | None = None
         self._spare: np.ndarray | None = None
-        self.loaded = False
+        self.dirty = np.zeros(self.W, np.bool_)  # window rows written by the stream
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="nephele-delta-write")
         self._pending: Future[None] | None = None
+        # the window the writer thread is writing: (first block, blocks, buffer, dirty rows)
+        self._inflight: tuple[int, int, np.ndarray, np.ndarray] | None = None
         # SHA-256 of the whole image, when the stream carries one: computed by the writer thread while the
         # windows go out in order; a write behind the window (a later pre-copy round) means reading back.
         self._sha = hashlib.sha256() if sha256 else None
         self._in_order = True
 
-    # The window holds blocks wstart .. wstart+W; everything before wstart is in the file.
-    def _load(self) -> np.ndarray:
+    # The window covers blocks wstart .. wstart+W: rows the stream wrote are in the buffer (dirty), the
+    # others still hold their initial content (base or zero), which is copied file to file when the window
+    # is flushed: the kernel's copy_file_range, no pass through this process. Everything before wstart is
+    # in the file.
+    def _buffer(self) -> np.ndarray:
         if self.win is None:
             self.win = np.empty((self.W, BLOCK), np.uint8)
-        if not self.loaded:
-            k = max(0, min(self.W, self.base_n - self.wstart))
-            if k and self.base is not None:
-                self.base.read_range(self.wstart, self.win[:k])
-            self.win[k:] = 0
-            self.loaded = True
         return self.win
 
     def _flush(self) -> None:
         """Hand the window to the writer thread and move on with the spare buffer."""
         cnt = min(self.W, self.nblocks - self.wstart)
-        if cnt > 0 and (self.loaded or self.base_n > self.wstart):
-            win = self._load()
+        if cnt > 0:
+            win = self._buffer()
             self._wait()  # the spare buffer's write must be done before it is reused
-            self._pending = self._pool.submit(self._write_window, win, self.wstart, cnt)
+            self._pending = self._pool.submit(
+                self._write_window, win, self.dirty[:cnt].copy(), self.wstart, cnt
+            )
             self.win, self._spare = self._spare, win
-        elif cnt > 0 and self._sha is not None:  # an all-zero window: a hole, but hashed
-            self._wait()
-            self._pending = self._pool.submit(self._hash_zeros, self._tail_bytes(self.wstart, cnt))
+        self.dirty[:] = False
         self.wstart += self.W
-        self.loaded = False
 
-    def _write_window(self, win: np.ndarray, wstart: int, cnt: int) -> None:
-        rows = win[:cnt]
-        nz = np.empty(cnt, np.bool_)
-        K.nonzero_rows(rows.view(np.uint64), nz)
-        edges = np.flatnonzero(np.diff(np.concatenate(([False], nz, [False])).astype(np.int8)))
-        starts, ends = edges[0::2], edges[1::2]
-        if starts.size > 1:  # leave only long zero runs as holes: fewer, larger writes
-            gap_ok = (starts[1:] - ends[:-1]) >= HOLE_MIN_BLOCKS
-            starts = np.concatenate((starts[:1], starts[1:][gap_ok]))
-            ends = np.concatenate((ends[:-1][gap_ok], ends[-1:]))
-        for a, b in zip(starts, ends, strict=True):
-            self._pwrite(rows[a:b], wstart + int(a))
-        if self._sha is not None:
-            self._sha.update(rows.data.cast("B")[: self._tail_bytes(wstart, cnt)])
+    def _write_window(self, win: np.ndarray, dirty: np.ndarray, wstart: int, cnt: int) -> None:
+        if dirty.any():
+            nz = np.zeros(cnt, np.bool_)
+            rows = np.flatnonzero(dirty)
+            nzd = np.empty(rows.size, np.bool_)
+            K.nonzero_rows(np.ascontiguousarray(win[rows]).view(np.uint64), nzd)
+            nz[rows] = nzd
+            for a, b in _runs(nz):  # zero blocks stay holes
+                self._pwrite(win[a:b], wstart + a)
+        k = max(0, min(cnt, self.base_n - wstart))
+        if k and self.base is not None:
+            clean = ~dirty[:k] & self.base_data[wstart : wstart + k]
+            for a, b in _runs(clean):
+                self._copy_base(wstart + a, wstart + b)
+        if self._sha is not None:  # hash what is now in the file, in order
+            n = self._tail_bytes(wstart, cnt)
+            got = os.preadv(self.fd, [win.data.cast("B")[:n]], wstart * BLOCK)
+            if got != n:
+                raise DeltaError(f"short read back of the rebuilt image at block {wstart}")
+            self._sha.update(win.data.cast("B")[:n])
         os.fdatasync(self.fd)  # start the disk writes now rather than all in close()
+
+    def _copy_base(self, first: int, stop: int) -> None:
+        assert self.base is not None
+        off = first * BLOCK
+        end = min(stop * BLOCK, self.base.size)
+        while off < end:
+            k = os.copy_file_range(self.base.fd, self.fd, end - off, off, off)
+            if k <= 0:
+                raise DeltaError(f"base image {self.base.path} shrank while in use")
+            off += k
 
     def _tail_bytes(self, wstart: int, cnt: int) -> int:
         return min(cnt * BLOCK, self.size - wstart * BLOCK)
 
-    def _hash_zeros(self, n: int) -> None:
-        assert self._sha is not None
-        zeros = bytes(min(n, 1 << 20))
-        while n > 0:
-            self._sha.update(zeros[: min(n, len(zeros))])
-            n -= len(zeros)
-
     def _wait(self) -> None:
         if self._pending is not None:
             fut, self._pending = self._pending, None
+            self._inflight = None
             fut.result()
 
     def _pwrite(self, rows: np.ndarray, block: int) -> None:
@@ -181,31 +206,55 @@ class _Image:
             while int(b[0]) >= self.wstart + self.W:
                 self._flush()
             cut = int(np.searchsorted(b, self.wstart + self.W))
-            win = self._load()
-            win[b[:cut] - self.wstart] = rows[idx[:cut]]
+            pos = b[:cut] - self.wstart
+            self._buffer()[pos] = rows[idx[:cut]]
+            self.dirty[pos] = True
             idx, b = idx[cut:], b[cut:]
 
+    def _initial(self, blocks: np.ndarray, out: np.ndarray) -> None:
+        """out[i] = what block blocks[i] held before the stream wrote it: the base's block, or zeros."""
+        out[:] = 0
+        has = np.flatnonzero(blocks < self.base_n)
+        if has.size and self.base is not None:
+            out[has] = self.base.gather(blocks[has])
+
     def read(self, blocks: np.ndarray) -> np.ndarray:
+        """The current content of some blocks (for STREAM copies and for callbacks)."""
         out = np.empty((blocks.shape[0], BLOCK), np.uint8)
-        wend = self.wstart + self.W
-        behind = blocks < self.wstart
-        inwin = ~behind & (blocks < wend)
-        beyond = blocks >= wend
-        if behind.any():
-            self._wait()
+        todo = np.ones(blocks.shape[0], np.bool_)
+        # The window being written still has its buffer: no need to wait for the writer.
+        for first, cnt, buf, dirty in (
+            (self.wstart, self.W, self.win, self.dirty),
+            self._inflight or (0, 0, None, None),
+        ):
+            if cnt == 0 or dirty is None:
+                continue
+            inside = todo & (blocks >= first) & (blocks < first + cnt)
+            if not inside.any():
+                continue
+            sel = np.flatnonzero(inside)
+            rel = blocks[sel] - first
+            wrote = dirty[rel]
+            if wrote.any():
+                assert buf is not None
+                out[sel[wrote]] = buf[rel[wrote]]
+            if not wrote.all():
+                tmp = np.empty((int((~wrote).sum()), BLOCK), np.uint8)
+                self._initial(blocks[sel[~wrote]], tmp)
+                out[sel[~wrote]] = tmp
+            todo[sel] = False
+        # Before the window in flight: written by writer tasks that have completed (one in flight at most).
+        behind = todo & (blocks < self.wstart)
         for i in np.flatnonzero(behind):
             mv = out[i].data.cast("B")
             got = os.preadv(self.fd, [mv], int(blocks[i]) * BLOCK)
             if got != BLOCK:
                 mv[got:] = bytes(BLOCK - got)
-        if inwin.any():
-            out[inwin] = self._load()[blocks[inwin] - self.wstart]
-        if beyond.any():
-            sel = np.flatnonzero(beyond)
-            out[sel] = 0
-            has = sel[blocks[sel] < self.base_n]
-            if has.size and self.base is not None:
-                out[has] = self.base.gather(blocks[has])
+        beyond = np.flatnonzero(todo & ~behind)  # never written: the initial content
+        if beyond.size:
+            tmp = np.empty((beyond.size, BLOCK), np.uint8)
+            self._initial(blocks[beyond], tmp)
+            out[beyond] = tmp
         return out
 
     def finish(self) -> bytes | None:
@@ -529,7 +578,8 @@ class Decoder:
             reader = bref.reader
             k = min(n, bref.index.nblocks)
             hashes[:k] = bref.index.hashes[:k]
-        image = _Image(sink, name, size, reader, self._want_sha)
+        base_hashes = self._refs[bpos].index.hashes if bpos is not None else None
+        image = _Image(sink, name, size, reader, base_hashes, self._want_sha)
         self._targets.append(_Target(target, name, kind, size, n, bpos, image, hashes, sink.on_blocks))
         self._names.add(name)
         self.stats.kind(kind)

@@ -198,6 +198,10 @@ class RefReader:
             self._mm = mmap.mmap(self._fd, self._full * BLOCK, prot=mmap.PROT_READ)
             self._arr = np.frombuffer(self._mm, np.uint8).reshape(self._full, BLOCK)
 
+    @property
+    def fd(self) -> int:
+        return self._fd
+
     def gather(self, blocks: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """out[i] = block blocks[i].
 
