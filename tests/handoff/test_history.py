@@ -162,3 +162,34 @@ def test_text_names_known_source_nodes() -> None:
     line = render_text([e]).splitlines()[1].split()
     want = "2026-11-26 10:00:05 edge-a (10.201.0.1) edge-b web-1 42.5s - 5.00 MiB completed"
     assert line == want.split()
+
+
+def test_nephele_handoffs_over_the_nodes_of_a_manifest(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two `address: local` nodes with their own roots: each node's records come back under its name."""
+    now = time.time()
+    write_record(tmp_path / "a" / "logs", title="to-a", source="10.9.0.2", started=now - 300)
+    write_record(tmp_path / "b" / "logs", title="to-b", source="10.9.0.1", started=now - 200)
+    write_record(tmp_path / "b" / "logs", title="to-b-2", source="10.9.0.1", started=now - 100)
+    m = tmp_path / "cloudlet.yaml"
+    m.write_text(
+        "apiVersion: nephele.dev/v1\nkind: Cloudlet\nmetadata: {name: t}\nnodes:\n"
+        f"  edge-a: {{address: local, root: {tmp_path / 'a'}}}\n"
+        f"  edge-b: {{address: local, root: {tmp_path / 'b'}}}\n"
+    )
+    assert main(["handoffs", "-f", str(m), "-o", "json"]) == 0
+    got = [(e["instance"], e["to"]) for e in json.loads(capsys.readouterr().out)]
+    assert got == [("to-a", "edge-a"), ("to-b", "edge-b"), ("to-b-2", "edge-b")]
+    assert main(["handoffs", "edge-b", "-f", str(m), "-o", "json"]) == 0
+    assert [e["instance"] for e in json.loads(capsys.readouterr().out)] == ["to-b", "to-b-2"]
+    assert main(["handoffs", "edge-z", "-f", str(m)]) == 1
+    assert "no node 'edge-z'" in capsys.readouterr().err
+    (tmp_path / "b" / "logs" / "handoff_from_x_at_20260101T000000.stats").write_text("junk\n")
+    assert main(["handoffs", "-f", str(m)]) == 1  # listed, but a record could not be read
+    cap = capsys.readouterr()
+    assert (
+        "to-b-2" in cap.out
+        and "edge-b: " in cap.err
+        and "handoff_from_x_at_20260101T000000.stats:1" in cap.err
+    )
