@@ -109,6 +109,18 @@ def _set_netdev(dom: ET.Element, ports: Sequence[PortMap], address: str) -> None
         ET.SubElement(cmd, f"{{{QEMU_NS}}}arg", {"value": arg})
 
 
+def with_ports(domain_xml: str, ports: Sequence[PortMap], address: str) -> str:
+    """The same domain with other port forwards (for its persistent definition)."""
+    dom = ET.fromstring(domain_xml)
+    _set_netdev(dom, ports, address)
+    return ET.tostring(dom, encoding="unicode")
+
+
+def hostfwd_rule(port: PortMap, address: str) -> str:
+    """A forward as QEMU's HMP hostfwd_add/hostfwd_remove write it."""
+    return f"tcp:{address}:{port.host}-:{port.guest}"
+
+
 def tag_element(tags: Mapping[str, str]) -> ET.Element:
     return ET.Element(f"{{{NEPHELE_NS}}}domain", {k: v for k, v in sorted(tags.items()) if v is not None})
 

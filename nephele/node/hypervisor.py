@@ -15,21 +15,24 @@ import os
 import threading
 import time
 import uuid as uuidlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import libvirt
+import libvirt_qemu  # type: ignore[import-untyped]
 
 from nephele.errors import InvalidInput, NodeError
+from nephele.model import PortMap
 from nephele.node import domain as dx
 
 URI_ENV = "NEPHELE_LIBVIRT_URI"
 ACCEL_ENV = "NEPHELE_ACCEL"  # "tcg" or "kvm": skip the boot test
 DEFAULT_URI = "qemu:///system"
 ACCEL_CACHE = "accel.json"
+XML_INACTIVE = libvirt.VIR_DOMAIN_XML_INACTIVE  # the persistent definition, not the live state
 BOOT_TEST_SECONDS = 10.0  # TCG prints the banner within ~1 s; a usable KVM sooner
 BOOT_TEST_MARKER = b"Linux version"
 
@@ -287,6 +290,21 @@ class Hypervisor:
         flags = libvirt.VIR_DOMAIN_SAVE_RUNNING if running else libvirt.VIR_DOMAIN_SAVE_PAUSED
         with libvirt_errors(f"cannot restore memory state {path}"):
             self.conn.restoreFlags(str(path), xml, flags)
+
+    def hostfwd(self, dom: Any, *, add: Sequence[PortMap], remove: Sequence[PortMap], address: str) -> None:
+        """Change a live domain's user-net port forwards (QEMU HMP hostfwd_add/hostfwd_remove)."""
+        flags = libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP
+        for verb, ports in (("hostfwd_remove", remove), ("hostfwd_add", add)):
+            for p in ports:
+                rule = dx.hostfwd_rule(p, address)
+                if verb == "hostfwd_remove":
+                    rule = rule.rsplit("-", 1)[0]  # remove takes [tcp|udp]:[hostaddr]:hostport
+                with libvirt_errors(f"cannot {verb} {p} on {dom.name()}"):
+                    out = str(libvirt_qemu.qemuMonitorCommand(dom, f"{verb} {dx.NIC_ID} {rule}", flags))
+                # QEMU answers an add with nothing, a remove with "host forwarding rule for ... removed".
+                ok = "removed" in out if verb == "hostfwd_remove" else not out.strip()
+                if not ok:
+                    raise NodeError(f"{verb} {p} on {dom.name()}: {out.strip() or 'no answer'}")
 
     # ------------------------------------------------------------------------------------ events
 

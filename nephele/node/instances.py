@@ -23,7 +23,7 @@ from nephele.errors import Conflict, InvalidInput, NodeError, NotFound
 from nephele.model import PortMap
 from nephele.node import domain as dx
 from nephele.node import images, snapshots
-from nephele.node.hypervisor import DomainInfo, qemu_pid
+from nephele.node.hypervisor import XML_INACTIVE, DomainInfo, qemu_pid
 from nephele.node.runtime import NodeContext
 from nephele.node.store import atomic_write_json
 from nephele.vmstate import replace_xml
@@ -314,6 +314,26 @@ def rm(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
     ctx.store.remove_instance_dir(info.uuid)
     ctx.log.info("rm %s (%s)", info.tags.get("title"), info.uuid)
     return {**record(info), "state": "removed", "pid": None}
+
+
+def set_ports(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
+    """Change an instance's host port forwards: live when it runs (QEMU hostfwd), and in its definition."""
+    info, dom = _domain(ctx, args)
+    new = parse_ports(args.get("ports"))
+    old = dx.ports_from_text(info.tags.get("ports"))
+    with ctx.store.lock("set_ports"):
+        check_ports_free(ctx, [p for p in new if p.host not in {o.host for o in old}], exclude_uuid=info.uuid)
+        if info.state != "stopped":
+            ctx.hv.hostfwd(
+                dom,
+                remove=[p for p in old if p not in new],
+                add=[p for p in new if p not in old],
+                address=ctx.forward_address,
+            )
+        ctx.hv.define(dx.with_ports(dom.XMLDesc(XML_INACTIVE), new, ctx.forward_address))
+        ctx.hv.set_tags(dom, {**info.tags, "ports": dx.ports_to_text(new)})
+    ctx.log.info("ports of %s (%s): %s -> %s", info.tags.get("title"), info.uuid, info.tags.get("ports"), new)
+    return record(ctx.hv.info(dom))
 
 
 def set_handoff_url(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:

@@ -61,6 +61,7 @@ OPS: dict[str, Op] = {
     "instance.start": instances.start,
     "instance.rm": instances.rm,
     "instance.handoff_url": instances.set_handoff_url,
+    "instance.set_ports": instances.set_ports,
     "instance.capture": supervisor.capture,
     "handoff.history": history.op,  # the handoffs this node received (nephele handoffs)
 }

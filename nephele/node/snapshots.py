@@ -362,6 +362,8 @@ def import_(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
                 f"snapshot import: {raw}: {DELTA} is corrupt "
                 f"(sha256 {str(got)[:12]}..., expected {want[:12]}...)"
             )
+        if args.get("name"):
+            meta["name"] = str(args["name"])  # the manifest's name for it on this node
         atomic_write_json(stage / "meta.json", meta)
         with ctx.store.lock("snapshot import"):
             if any(m["name"] == meta["name"] for _, m in list_snapshots(ctx.store)):

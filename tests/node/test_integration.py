@@ -319,6 +319,16 @@ def test_run_forward_http_ps_conflicts_rm(
         obs = agent.call("observe")
         assert obs["instances"]["web"]["uuid"] == r["uuid"]
         assert obs["instances"]["web"]["ports"] == ["18080:80"]
+
+        # Forwards change live (QEMU hostfwd) and in the definition; the old port closes.
+        moved = agent.call("instance.set_ports", {"instance": r["uuid"], "ports": ["18070:80"]})
+        assert moved["ports"] == ["18070:80"]
+        assert _try_http(f"http://{node.address}:18070/cgi-bin/state", retries=20)
+        assert _try_http(f"http://{node.address}:18080/cgi-bin/state") is None
+        xml = node.run(
+            ["virsh", "-c", "qemu:///system", "dumpxml", "--inactive", r["name"]], check=True
+        ).stdout
+        assert "hostfwd=tcp::18070-:80" in xml and "18080" not in xml
     finally:
         removed = agent.call("instance.rm", {"instance": r["uuid"]})
     assert removed["state"] == "removed"

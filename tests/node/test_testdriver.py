@@ -314,3 +314,21 @@ def test_interrupted_build_cleans_up(tmp_path: Path) -> None:
     resp = json.loads(out)
     assert resp["ok"] is False and resp["error"]["kind"] == "interrupted"
     assert list((root / "tmp").iterdir()) == [] and list((root / "images").iterdir()) == []
+
+
+def test_set_ports_of_a_stopped_instance_and_conflicts(ctx: NodeContext, tmp_path: Path) -> None:
+    r = build(ctx, tmp_path)
+    a = instances.run(ctx, {"snapshot": r["id"], "title": "a", "ports": "18911:80", "disk_only": True})
+    b = instances.run(ctx, {"snapshot": r["id"], "title": "b", "ports": "18912:80", "disk_only": True})
+    try:
+        instances.stop(ctx, {"instance": a["uuid"]})
+        with pytest.raises(Conflict, match="18912 is already forwarded to instance 'b'"):
+            instances.set_ports(ctx, {"instance": a["uuid"], "ports": ["18912:80"]})
+        out = instances.set_ports(ctx, {"instance": a["uuid"], "ports": ["18913:80", "18914:22"]})
+        assert out["ports"] == ["18913:80", "18914:22"]
+        # (test:/// drops <qemu:commandline>; the live forward change is tested on QEMU, in test_integration)
+        assert ctx.hv.info(ctx.hv.lookup(a["uuid"])).tags["ports"] == "18913:80,18914:22"
+        assert instances.start(ctx, {"instance": a["uuid"]})["ports"] == ["18913:80", "18914:22"]
+    finally:
+        for i in (a, b):
+            instances.rm(ctx, {"instance": i["uuid"]})
