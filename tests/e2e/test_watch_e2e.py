@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -240,7 +242,12 @@ def w(guest: GuestFiles, tmp_path_factory: Any) -> Iterator[World]:
 
 def test_first_revision_converges(w: World) -> None:
     opts = WatchOptions(
-        manifest=w.checkout / "cloudlet.yaml", git_poll=1.0, resync=5.0, debounce=0.3, timeout=20
+        manifest=w.checkout / "cloudlet.yaml",
+        git_poll=1.0,
+        resync=5.0,
+        debounce=0.3,
+        timeout=20,
+        backoff_cap=10.0,
     )
     w.watcher = Watcher(opts, say=w.lines.append)
     w.thread = threading.Thread(target=w.watcher.serve, daemon=True)
@@ -306,6 +313,43 @@ def test_a_vm_destroyed_by_hand_is_restored(w: World) -> None:
     assert drift and drift[-1]["result"] == "correcting"
 
 
+def test_a_dark_node_does_not_hold_up_the_others(w: World) -> None:
+    def node_event(result: str) -> bool:
+        return any(
+            e["event"] == "node" and e["node"] == "edge-b" and e["result"] == result for e in w.events()
+        )
+
+    w.cloudlet.stop_sshd("edge-b")
+    try:
+        wait_for(lambda: node_event("unreachable"), 60, "edge-b reported unreachable", w.lines)
+        uuid = w.agents["edge-a"].call("observe")["instances"]["web-1"]["uuid"]
+        conn = libvirt.open(w.cloudlet.node("edge-a").libvirt_uri)
+        try:
+            conn.lookupByUUIDString(uuid).destroy()
+        finally:
+            conn.close()
+
+        def web1() -> str:
+            return str(w.agents["edge-a"].call("observe")["instances"]["web-1"]["state"])
+
+        wait_for(lambda: web1() != "running", 30, "edge-a to see web-1 down")
+        t0 = time.monotonic()
+        wait_for(lambda: web1() == "running", 300, "web-1 restored while edge-b is dark", w.lines)
+        restored_in = time.monotonic() - t0
+        state = read_state(w.state)
+        assert state is not None and "edge-b" in state["unreachable"], state
+        assert not node_event("reachable")
+    finally:
+        w.cloudlet.start_sshd("edge-b")
+        old = w.agents["edge-b"]
+        old.close()
+        spec = next(s for s in w.cloudlet.node_specs() if s.name == "edge-b")
+        w.agents["edge-b"] = Agent(transport_for_node(spec, timeout=600))
+    wait_for(lambda: node_event("reachable"), 60, "edge-b probed back", w.lines)
+    assert [(n, i["state"]) for n, i in w.copies("web-2")] == [("edge-b", "running")]
+    print(f"web-1 restored in {restored_in:.1f} s with edge-b dark")
+
+
 def test_a_broken_commit_is_reported_and_the_previous_state_kept(w: World) -> None:
     good = git(w.checkout, "rev-parse", "HEAD")
     before = {t: [(n, i["uuid"], i["state"]) for n, i in w.copies(t)] for t in ("web-1", "web-2")}
@@ -342,3 +386,56 @@ def test_stop_is_clean(w: World) -> None:
     state = read_state(w.state)
     assert state is not None and state["state"] == "stopped" and not (w.state / "lock.json").exists()
     w.watcher = None
+
+
+def test_the_cli_daemon_follows_a_fix_and_stops_cleanly_on_sigterm(w: World) -> None:
+    """`nephele watch` as its own process: started on the broken checkout it enforces the last good
+    revision, takes the fixing commit, and SIGTERM during the resulting action lets it finish."""
+    w.commit(WEB1 + "  web-2: {snapshot: web, node: edge-b, state: stopped}\n", "fix: web-2 stopped")
+    seen = len(w.events())
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "nephele",
+            "watch",
+            "-f",
+            str(w.checkout),
+            "--git-poll",
+            "1s",
+            "--resync",
+            "1m",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+
+        def stop_started() -> bool:
+            assert proc.poll() is None, proc.communicate()[0]
+            return any(
+                e["event"] == "action"
+                and e["action"] == "stop_instance:instance/web-2"
+                and e["result"] == "start"
+                for e in w.events()[seen:]
+            )
+
+        wait_for(stop_started, 180, "the daemon to stop web-2")
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, out
+    assert "Received SIGTERM" in out
+    new = w.events()[seen:]
+    assert any(e["event"] == "revision" and e["result"] == "invalid" for e in new)  # the broken HEAD
+    assert any(
+        e["event"] == "action" and e["action"] == "stop_instance:instance/web-2" and e["result"] == "done"
+        for e in new
+    )
+    assert new[-1]["event"] == "daemon" and new[-1]["result"] == "stop"
+    assert [(n, i["state"]) for n, i in w.copies("web-2")] == [("edge-b", "stopped")]
+    assert not (w.state / "lock.json").exists()
