@@ -36,6 +36,7 @@ class EventLog:
     def __init__(self, path: Path, rotate_bytes: int = ROTATE_BYTES) -> None:
         self.path = path
         self.rotate_bytes = rotate_bytes
+        self.failed: str | None = None  # the last write error, until a write succeeds again
         self._lock = threading.Lock()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -54,12 +55,16 @@ class EventLog:
         with self._lock:
             if self._file is None:
                 return rec
-            self._file.write(line + "\n")
-            self._file.flush()
-            if self._file.tell() > self.rotate_bytes:
-                self._file.close()
-                self.path.replace(self.path.with_name(self.path.name + ".1"))
-                self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
+            try:
+                self._file.write(line + "\n")
+                self._file.flush()
+                if self._file.tell() > self.rotate_bytes:
+                    self._file.close()
+                    self.path.replace(self.path.with_name(self.path.name + ".1"))
+                    self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
+                self.failed = None
+            except OSError as exc:  # a full disk must not stop the reconciling; the state file says it
+                self.failed = f"{self.path}: cannot write the event log: {exc.strerror or exc}"
         return rec
 
     def close(self) -> None:

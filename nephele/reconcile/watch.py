@@ -365,6 +365,10 @@ class Watcher:
                     "attempts": self.node_backoff.attempts(n),
                     "next_probe_in": round(max(0.0, nxt - now), 1) if nxt is not None else None,
                 }
+            if self.log is not None and self.log.failed:
+                self.state["event_log_error"] = self.log.failed
+            else:
+                self.state.pop("event_log_error", None)
             self.state.update(
                 format_version=STATE_FORMAT_VERSION,
                 updated=now_iso(),
@@ -404,8 +408,14 @@ class Watcher:
                 raise
             self.name = name
         self.directory = statedir.ensure(statedir.state_dir(self.path, self.name))
-        self.log = EventLog(self.opts.events or self.directory / EVENTS_FILE)
         prev = read_state(self.directory)
+        if prev is not None and prev["alive"] and prev.get("pid") != os.getpid():
+            raise LockHeld(
+                f"a watch daemon already follows manifest {self.name}: pid {prev.get('pid')} on "
+                f"{prev.get('host')}, since {prev.get('started')} ({self.directory / STATE_FILE}); "
+                "stop it first (SIGTERM)"
+            )
+        self.log = EventLog(self.opts.events or self.directory / EVENTS_FILE)
         self.state = {
             "pid": os.getpid(),
             "host": socket.gethostname(),
@@ -506,8 +516,11 @@ class Watcher:
         old = self.latest
         self.latest = Revision(self.path, raw, desired, info)
         last_good = {k: info.get(k) for k in ("text", "sha256", "git_commit")}
-        statedir.ensure(self.directory)
-        _write_bytes(self.directory / LAST_GOOD_FILE, raw)
+        try:
+            statedir.ensure(self.directory)
+            _write_bytes(self.directory / LAST_GOOD_FILE, raw)
+        except NepheleError as exc:  # only a restart with a broken manifest needs it: warn, go on
+            self.say(f"warning: {exc}")
         self.save_state(revision_latest={"revision": info["text"], "at": now_iso()}, last_good=last_good)
         if old is None or old.sha != sha or old.text != info["text"]:
             self.emit("revision", revision=info["text"], result="valid", message=f"sha256:{sha[:12]}")

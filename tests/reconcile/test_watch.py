@@ -716,3 +716,46 @@ def test_git_poll_outside_a_work_tree_is_a_clear_error(
     monkeypatch.setattr(cmd_watch, "TRANSPORT_FACTORY", fc.factory)
     assert main(["watch", "-f", str(path), "--git-poll", "10s"]) == 1
     assert not fc.mutations()
+
+
+def test_a_second_daemon_on_the_same_manifest_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write(tmp_path, WEB1)
+    fc = FakeCloudlet("edge-a", "edge-b")
+    monkeypatch.setattr(cmd_watch, "TRANSPORT_FACTORY", fc.factory)
+    other = subprocess.Popen(["sleep", "30"])  # a live process standing in for the first daemon
+    try:
+        state = tmp_path / ".nephele" / "demo"
+        state.mkdir(parents=True)
+        import socket
+
+        (state / "watch.json").write_text(
+            json.dumps({"pid": other.pid, "host": socket.gethostname(), "state": "idle", "started": "x"})
+        )
+        assert main(["watch", "-f", str(path), "--once"]) == 1
+        assert not fc.mutations()
+    finally:
+        other.kill()
+        other.wait()
+    assert main(["watch", "-f", str(path), "--once"]) == 0  # its process is gone: not a daemon any more
+
+
+def test_an_unwritable_event_log_does_not_stop_the_pass(tmp_path: Path) -> None:
+    path = write(tmp_path, WEB1)
+    fc = FakeCloudlet("edge-a", "edge-b")
+    w = watcher(path, fc)
+    w.prepare()
+    assert w.log is not None and w.latest is not None
+
+    class Broken:
+        def write(self, _: str) -> None:
+            raise OSError(28, "No space left on device")
+
+        def close(self) -> None:
+            pass
+
+    w.log._file = Broken()
+    assert w.run_pass(w.latest).result == "applied" and fc.find("web-1")
+    state = read_state(w.directory)
+    assert state is not None and "No space left on device" in state["event_log_error"]
