@@ -931,7 +931,11 @@ class Watcher:
                 if self.stopping.is_set() and worker is None:
                     break
                 if self.debouncer.take(now):
-                    sus = read_suspension(self.directory)
+                    try:
+                        sus = read_suspension(self.directory)
+                    except NepheleError as exc:  # a hand-edited, broken suspend.json: keep the old one
+                        self.error(str(exc))
+                        sus = self.suspension
                     if sus != self.suspension:
                         self.suspension = sus
                         self.say(f"Suspension now: {_describe_suspension(sus)}.")
