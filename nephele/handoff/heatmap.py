@@ -31,7 +31,7 @@ TILE = 256
 MAX_COUNT = 0xFFFF
 KINDS = ("memory", "disk")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-LEVEL_CACHE_S = 0.5  # a pyramid is rebuilt at most this often while blocks keep arriving
+LEVEL_CACHE_S = 1.0  # a pyramid is rebuilt at most once a second (the page polls every second)
 
 
 def _lut() -> np.ndarray:
@@ -87,7 +87,9 @@ def _pool2(a: np.ndarray) -> np.ndarray:
         p = np.zeros((ph, pw), a.dtype)
         p[:h, :w] = a
         a = p
-    out: np.ndarray = a.reshape(ph // 2, 2, pw // 2, 2).max(axis=(1, 3))
+    out: np.ndarray = np.maximum(  # four strided views: several times faster than reshape().max()
+        np.maximum(a[0::2, 0::2], a[0::2, 1::2]), np.maximum(a[1::2, 0::2], a[1::2, 1::2])
+    )
     return out
 
 
