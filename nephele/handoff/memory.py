@@ -8,7 +8,7 @@ opened to our local listener), parses it (nephele.vmstate), and sends in stream 
     PAGES     a run of page records of one RAM block: u16 target, u32 n, n x be64 (offset | flags),
               the fill byte of each ZERO record, u64 xxh3 of the page payloads, then the delta frames
               (nephele.delta) of its PAGE records
-    ITER      u32: a ram section began (iteration counter for progress)
+    ITER      u32: QEMU's pre-copy iteration (from libvirt's job stats; progress and records)
     TAIL      the device state begins: the destination holds every byte from here on
     STOPPED   f64: the source VM stopped (wall clock, for the downtime)
     END       sha256 of the whole original stream + u64 length (after the delta END frame)
@@ -46,6 +46,7 @@ import numpy as np
 import xxhash
 
 from nephele.delta import Decoder, Encoder, RefSet
+from nephele.delta import decoder as _decoder_mod
 from nephele.delta.decoder import Sink
 from nephele.delta.stats import StreamStats
 from nephele.errors import HandoffError, NepheleError
@@ -80,6 +81,10 @@ RAM_ZERO = 0x002
 RAM_PAGE = 0x008
 RAM_CONTINUE = 0x020
 RUN_MAX = 512  # pages per PAGES message (2 MiB before encoding)
+# A run never crosses a 4 MiB boundary of its RAM block: the delta decoder rebuilds in power-of-two
+# windows, and a batch straddling two of them hit a decoder bug (kept blocks read back wrong;
+# tests/handoff/test_delta_contract.py). Aligned runs cost nothing measurable.
+ALIGN = 1024 * PAGE_SIZE
 _U64 = struct.Struct(">Q")
 _PAGES_HEAD = struct.Struct(">HI")
 
@@ -97,7 +102,8 @@ class MemoryStats:
     wan_in: int = 0
     pages: int = 0
     zero_records: int = 0  # QEMU's own ZERO records (never reach the delta engine)
-    iteration: int = 0
+    iteration: int = 0  # pre-copy iterations (QEMU's, as libvirt reports them; ITER messages)
+    sections: int = 0  # ram sections seen in the stream
     sha256: str = ""
     stopped_at: float | None = None
     ended: bool = False
@@ -161,9 +167,11 @@ class MemorySource:
         wan: socket.socket,
         refs: Mapping[str, Path],
         *,
-        codec: str = "lz4",
+        codec: str = "zstd",  # a WAN link is slower than zstd -3 on one core; lz4 for fast links
         on_iteration: Callable[[int], None] | None = None,
+        dump: Any = None,
     ) -> None:
+        self.dump = dump  # debugging: a file that receives the raw stream
         self.qemu = qemu
         self.wan = wan
         self.tx = MsgSender(wan)
@@ -242,7 +250,11 @@ class MemorySource:
         self._run_offsets = set()
 
     def _add_page(self, ev: Page | ZeroPage) -> None:
-        if self._run and (ev.block != self._run[0].block or ev.offset in self._run_offsets):
+        if self._run and (
+            ev.block != self._run[0].block
+            or ev.offset in self._run_offsets
+            or ev.offset // ALIGN != self._run[0].offset // ALIGN
+        ):
             self._flush_run()
         self._run.append(ev)
         self._run_offsets.add(ev.offset)
@@ -252,6 +264,12 @@ class MemorySource:
     def _flush_all(self) -> None:
         self._flush_run()
         self._flush_opaque()
+
+    def send_iteration(self, n: int) -> None:
+        if n != self.stats.iteration:
+            self.stats.iteration = n
+            with contextlib.suppress(OSError):
+                self.tx.send(ITER, struct.pack(">I", n))
 
     def send_stopped(self, when: float) -> None:
         self.stats.stopped_at = when
@@ -296,6 +314,8 @@ class MemorySource:
                 if not data:
                     break
                 self._sha.update(data)
+                if self.dump is not None:
+                    self.dump.write(data)
                 self.stats.stream_bytes += len(data)
                 for ev in parser.feed(data):
                     t = type(ev)
@@ -314,8 +334,7 @@ class MemorySource:
                         self._send_delta_header(ev.blocks)  # type: ignore[union-attr]
                     elif t is SectionStart:
                         self._flush_all()
-                        self.stats.iteration = ev.iteration  # type: ignore[union-attr]
-                        self.tx.send(ITER, struct.pack(">I", ev.iteration))  # type: ignore[union-attr]
+                        self.stats.sections = ev.iteration  # type: ignore[union-attr]
                         if self.on_iteration is not None:
                             self.on_iteration(ev.iteration)  # type: ignore[union-attr]
                     elif t is DeviceTail:
@@ -342,6 +361,8 @@ class MemorySource:
             self.stats.wan_out = self.tx.bytes
             if self._refset is not None:
                 self._refset.close()
+            if self.dump is not None:
+                self.dump.close()
             for s in (self.qemu, self.wan):
                 with contextlib.suppress(OSError):
                     s.close()
@@ -451,7 +472,17 @@ class MemoryDestination:
             for i in range(len(blocks))
         }
         self._dec = Decoder(self.refs, sinks)  # type: ignore[arg-type]
-        self._dec.feed(delta)
+        # Workaround: the decoder's windowed writer hands a window to a writer thread and then reads
+        # blocks of it back from the file before they are written (its `_inflight` is never set), so a
+        # kept or copied page that was just flushed comes back wrong (tests/handoff/test_delta_contract.py).
+        # One window per RAM block means no flush before the end. Remove when the decoder is fixed.
+        largest = max((-(-int(b["size"]) // PAGE_SIZE) for b in blocks), default=1)
+        saved = _decoder_mod.WINDOW_BLOCKS
+        _decoder_mod.WINDOW_BLOCKS = max(saved, largest)
+        try:
+            self._dec.feed(delta)  # the TARGET frames: the images are made here
+        finally:
+            _decoder_mod.WINDOW_BLOCKS = saved
 
     def _pages(self, payload: bytes) -> None:
         if self._dec is None or self._writer is None:

@@ -83,6 +83,7 @@ class _Proxies:
         self.disk_tap = NbdTap()
         self.errors: list[str] = []
         self.listeners: list[socket.socket] = []
+        self.dump_path: Path | None = None
         self.closed = threading.Event()
 
     def listen(self, port: int, serve: Callable[[socket.socket], None]) -> int:
@@ -128,7 +129,10 @@ class _Proxies:
             raise HandoffError("a second memory connection from QEMU (multifd?) was refused")
         wan = self._connect(ch.MEMORY)
         wan.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 << 10)
-        self.memory = MemorySource(c, wan, self.refs)
+        dump = None
+        if self.dump_path is not None and self.dump_path.with_suffix(".on").exists():
+            dump = open(self.dump_path, "wb")  # noqa: SIM115
+        self.memory = MemorySource(c, wan, self.refs, dump=dump)
         self.memory_stats = self.memory.run()
 
     def serve_disk(self, c: socket.socket) -> None:
@@ -207,6 +211,7 @@ def send(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
     ctx.progress("Preparing reference images (base disk and memory)...")
     refs = {k: v for k, v in refsmod.prepare(ctx.store, image).items() if k in ref_ids}
     proxies = _Proxies(dest, hid, token, refs)
+    proxies.dump_path = ctx.store.root / "debug" / "memory-stream.bin"  # written if memory-stream.on exists
     mark = migrate.LifecycleMark()
     unwatch = None
     dom = hv.lookup(uuid)
@@ -247,6 +252,7 @@ def send(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
             mem = proxies.memory
             if mem is not None:
                 limiter.update(mem.stats.stream_bytes, mem.tx.bytes)
+                mem.send_iteration(int(js.get("memory_iteration", 0) or 0))
             remaining = int(js.get("memory_remaining", 0) or 0) + int(js.get("disk_remaining", 0) or 0)
             stream_rate = float(js.get("memory_bps", 0) or 0)
             emit(
