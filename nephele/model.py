@@ -261,5 +261,7 @@ class Inventory:
     def from_dict(cls, data: Mapping[str, Any]) -> Inventory:
         return cls(
             manifest=data["manifest"],
-            entries=frozenset(InventoryEntry(e["kind"], e["name"], e["node"]) for e in data.get("entries", ())),
+            entries=frozenset(
+                InventoryEntry(e["kind"], e["name"], e["node"]) for e in data.get("entries", ())
+            ),
         )
