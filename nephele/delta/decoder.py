@@ -133,9 +133,9 @@ class _Image:
         if cnt > 0:
             win = self._buffer()
             self._wait()  # the spare buffer's write must be done before it is reused
-            self._pending = self._pool.submit(
-                self._write_window, win, self.dirty[:cnt].copy(), self.wstart, cnt
-            )
+            dirty = self.dirty[:cnt].copy()
+            self._pending = self._pool.submit(self._write_window, win, dirty, self.wstart, cnt)
+            self._inflight = (self.wstart, cnt, win, dirty)
             self.win, self._spare = self._spare, win
         self.dirty[:] = False
         self.wstart += self.W

@@ -175,3 +175,38 @@ def test_incremental_later_versions_win(
         dec2.close()
         assert cb_img.tobytes() == truth.tobytes()
         assert sorted(got) == sorted(seen)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32 - 1), window=st.sampled_from([2, 5, 16]), nblocks=st.integers(20, 120))
+def test_slow_writer_thread(seed: int, window: int, nblocks: int) -> None:
+    """The decoder's writer thread lagging behind (as under load): copies from blocks of a window still
+    being written, and frames spanning windows, must still see the right bytes."""
+    import time
+
+    rng = np.random.default_rng(seed)
+    base = image(rng, nblocks)
+    new = apply_edits(rng, base, [base], [("random", i * 7, 2) for i in range(nblocks // 6)])
+    src = rng.integers(0, nblocks, nblocks // 3)
+    dst = np.sort(rng.choice(nblocks, nblocks // 3, replace=False))
+    for s, d in zip(src, dst, strict=True):
+        if s < d:
+            new[d] = new[s]  # copies of blocks sent earlier: STREAM entries reading back
+    old_w, old_write = decoder.WINDOW_BLOCKS, decoder._Image._write_window
+
+    def slow(self: decoder._Image, *a: object) -> None:
+        time.sleep(0.002)
+        old_write(self, *a)  # type: ignore[arg-type]
+
+    with tempfile.TemporaryDirectory() as td:
+        d = Path(td)
+        refs = {"b": write(d / "b", base)}
+        nd = write(d / "n", new)
+        buf = io.BytesIO()
+        encode_files(refs, [Target("disk", "disk", nd, "b")], buf, batch_blocks=1 + seed % 9)
+        decoder.WINDOW_BLOCKS, decoder._Image._write_window = window, slow  # type: ignore[method-assign]
+        try:
+            decode_files(io.BytesIO(buf.getvalue()), refs, {"disk": d / "o"})
+        finally:
+            decoder.WINDOW_BLOCKS, decoder._Image._write_window = old_w, old_write  # type: ignore[method-assign]
+        assert (d / "o").read_bytes() == nd.read_bytes()
