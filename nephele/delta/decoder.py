@@ -117,6 +117,7 @@ class _Image:
         # windows go out in order; a write behind the window (a later pre-copy round) means reading back.
         self._sha = hashlib.sha256() if sha256 else None
         self._in_order = True
+        self.durable = True
 
     # The window covers blocks wstart .. wstart+W: rows the stream wrote are in the buffer (dirty), the
     # others still hold their initial content (base or zero), which is copied file to file when the window
@@ -160,7 +161,8 @@ class _Image:
             if got != n:
                 raise DeltaError(f"short read back of the rebuilt image at block {wstart}")
             self._sha.update(win.data.cast("B")[:n])
-        os.fdatasync(self.fd)  # start the disk writes now rather than all in close()
+        if self.durable:
+            os.fdatasync(self.fd)  # start the disk writes now rather than all in close()
 
     def _copy_base(self, first: int, stop: int) -> None:
         assert self.base is not None
@@ -278,7 +280,8 @@ class _Image:
         return h.digest()
 
     def sync(self) -> None:
-        os.fsync(self.fd)
+        if self.durable:
+            os.fsync(self.fd)
         os.close(self.fd)
         self.fd = -1
 
@@ -335,8 +338,16 @@ class Decoder:
     remove every temporary file."""
 
     def __init__(
-        self, refs: Mapping[str, Path], sinks: Mapping[str, SinkSpec], *, max_target_bytes: int = 1 << 40
+        self,
+        refs: Mapping[str, Path],
+        sinks: Mapping[str, SinkSpec],
+        *,
+        max_target_bytes: int = 1 << 40,
+        durable: bool = True,
     ) -> None:
+        """durable=False skips fsync (scratch outputs, benchmarks of the engine alone): outputs are still
+        published only after verification, but a crash soon after may lose them."""
+        self.durable = durable
         self._ref_paths = {k: Path(v) for k, v in refs.items()}
         self._sinks = {k: _as_sink(v) for k, v in sinks.items()}
         paths = [s.path.resolve() for s in self._sinks.values() if s.path is not None]
@@ -580,6 +591,7 @@ class Decoder:
             hashes[:k] = bref.index.hashes[:k]
         base_hashes = self._refs[bpos].index.hashes if bpos is not None else None
         image = _Image(sink, name, size, reader, base_hashes, self._want_sha)
+        image.durable = self.durable
         self._targets.append(_Target(target, name, kind, size, n, bpos, image, hashes, sink.on_blocks))
         self._names.add(name)
         self.stats.kind(kind)
@@ -758,9 +770,12 @@ class Decoder:
         return self.stats
 
 
-def decode_files(inp: BinaryIO, refs: Mapping[str, Path], outputs: Mapping[str, Path]) -> StreamStats:
-    """Read a whole stream and write each target to outputs[name]; nothing is left there on error."""
-    dec = Decoder(refs, {k: Path(v) for k, v in outputs.items()})
+def decode_files(
+    inp: BinaryIO, refs: Mapping[str, Path], outputs: Mapping[str, Path], *, durable: bool = True
+) -> StreamStats:
+    """Read a whole stream and write each target to outputs[name] (fsynced unless durable=False);
+    nothing is left there on error."""
+    dec = Decoder(refs, {k: Path(v) for k, v in outputs.items()}, durable=durable)
     try:
         while True:
             chunk = inp.read(4 << 20)

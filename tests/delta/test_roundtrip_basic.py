@@ -40,3 +40,6 @@ def test_every_class_round_trips(tmp_path: Path, rng: np.random.Generator) -> No
     assert st.to_dict() == {**st2.to_dict(), "seconds": st.seconds}
     assert "DIRTIED" in st.table()
     assert st.wire_bytes == len(buf.getvalue())
+    quick = {"disk": tmp_path / "qd", "memory": tmp_path / "qm"}  # without fsync: same bytes
+    decode_files(io.BytesIO(buf.getvalue()), refs, quick, durable=False)
+    assert quick["disk"].read_bytes() == nd.read_bytes() and quick["memory"].read_bytes() == nm.read_bytes()
