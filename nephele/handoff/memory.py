@@ -183,6 +183,8 @@ class MemorySource:
         self._refset: RefSet | None = None
         self._cap = _Capture()
         self._targets: dict[str, int] = {}
+        self._seen: list[np.ndarray] = []  # per RAM block: pages sent at least once
+        self._seen_count = 0
         self._run: list[Page | ZeroPage] = []
         self._run_offsets: set[int] = set()
         self._opaque = bytearray()
@@ -199,6 +201,7 @@ class MemorySource:
             base = mem_ref_id(name) if mem_ref_id(name) in self.refs else None
             # target names become scratch file names on the destination: no idstr (it may hold '/')
             self._targets[name] = self._enc.begin_target(f"ram{len(info)}", "memory", size, base)
+            self._seen.append(np.zeros(-(-size // PAGE_SIZE), np.bool_))
             info.append({"name": name, "size": size})
         self.tx.send(TARGETS, json.dumps({"blocks": info}).encode() + b"\n" + self._cap.take())
 
@@ -236,6 +239,10 @@ class MemorySource:
             check = xxhash.xxh3_64_intdigest(raw)
             data = np.frombuffer(raw, np.uint8).reshape(-1, PAGE_SIZE)
             self._enc.put_blocks(tidx, np.array(nums, np.int64), data)
+        seen = self._seen[tidx]
+        idx = (heads.astype(np.uint64) >> np.uint64(12)).astype(np.int64)
+        self._seen_count += int((~seen[idx]).sum())
+        seen[idx] = True
         self.stats.pages += len(nums)
         self.stats.zero_records += len(run) - len(nums)
         payload = (
@@ -264,6 +271,12 @@ class MemorySource:
     def _flush_all(self) -> None:
         self._flush_run()
         self._flush_opaque()
+
+    @property
+    def first_pass_done(self) -> bool:
+        """Every page of RAM was sent once (QEMU's first pre-copy pass is over)."""
+        total = sum(int(a.shape[0]) for a in self._seen)
+        return bool(total > 0 and self._seen_count >= total)
 
     def send_iteration(self, n: int) -> None:
         if n != self.stats.iteration:
