@@ -10,7 +10,7 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nephele.delta import Decoder, Encoder, RefSet, Target, decode_files, decoder, encode_files
+from nephele.delta import Decoder, Encoder, RefSet, Target, decode_files, decoder, encode_files, encoder
 from tests.delta.conftest import write
 
 BLOCK = 4096
@@ -74,10 +74,12 @@ edit_st = st.lists(
     with_base=st.booleans(),
     sha=st.booleans(),
     window=st.sampled_from([1, 3, 8192]),
+    chunk=st.sampled_from([1, 2, 7, 1024]),
 )
 def test_files_round_trip(
     seed: int, nbase: int, nmem: int, disk_size_delta: int, edits_d: list[tuple[str, int, int]],
     edits_m: list[tuple[str, int, int]], codec: str, batch: int, with_base: bool, sha: bool, window: int,
+    chunk: int,
 ) -> None:  # fmt: skip
     rng = np.random.default_rng(seed)
     base = image(rng, nbase)
@@ -98,7 +100,11 @@ def test_files_round_trip(
             Target("memory", "memory", nm, "bm"),
         ]
         buf = io.BytesIO()
-        st_enc = encode_files(refs, targets, buf, codec=codec, batch_blocks=batch, sha256=sha)
+        old_chunk, encoder.CHUNK_BLOCKS = encoder.CHUNK_BLOCKS, chunk  # frames spanning read chunks
+        try:
+            st_enc = encode_files(refs, targets, buf, codec=codec, batch_blocks=batch, sha256=sha)
+        finally:
+            encoder.CHUNK_BLOCKS = old_chunk
         outs = {"disk": d / "od", "memory": d / "om"}
         old, decoder.WINDOW_BLOCKS = decoder.WINDOW_BLOCKS, window  # small windows: many flushes
         try:
