@@ -119,7 +119,10 @@ class HeatmapSession:
 
     # -- state -----------------------------------------------------------------------------------------
     def rate(self) -> float:
-        """Wire bytes per second over the last RATE_WINDOW seconds."""
+        """Wire bytes per second over the last RATE_WINDOW seconds; once finished, over the whole handoff."""
+        r = self.record
+        if r.finished is not None:
+            return sum(r.wire.values()) / max(r.elapsed(), 1e-3)
         s = list(self._samples)
         if len(s) < 2 or s[-1][0] <= s[0][0]:
             return 0.0

@@ -379,3 +379,13 @@ def test_client_flag_turns_the_page_on_per_handoff() -> None:
     assert parse(["edge-a", "handoff", "web-1", "edge-b"]).heatmap is None  # off unless the node says so
     assert parse(["edge-a", "handoff", "web-1", "edge-b", "--heatmap"]).heatmap is True
     assert parse(["edge-a", "handoff", "web-1", "edge-b", "--heatmap=9000"]).heatmap == 9000
+
+
+def test_rate_is_recent_while_running_and_the_average_at_the_end() -> None:
+    rec = HandoffRecord("10.0.0.9", "web-1", "u-9", 4096, 4096, started=1000.0)
+    s = hs.HeatmapSession(rec, port=None)
+    assert s.server is None and s.rate() == 0.0
+    s._samples.extend([(10.0, 0), (12.0, 4_000_000)])
+    assert s.rate() == 2_000_000.0
+    rec.wire, rec.finished = {"memory": 8_000_000}, 1010.0
+    assert s.rate() == 800_000.0 and s.eta() is None
