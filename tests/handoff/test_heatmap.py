@@ -389,3 +389,45 @@ def test_rate_is_recent_while_running_and_the_average_at_the_end() -> None:
     assert s.rate() == 2_000_000.0
     rec.wire, rec.finished = {"memory": 8_000_000}, 1010.0
     assert s.rate() == 800_000.0 and s.eta() is None
+
+
+class _FakeAgent:
+    """An agent answering the handoff ops from a table (no node): what the controller sends, and the
+    destination's ready event with the heatmap port."""
+
+    def __init__(self, name: str, answers: dict[str, object]) -> None:
+        self._name = name
+        self.answers = answers
+        self.calls: list[tuple[str, dict[str, object]]] = []
+
+    @property
+    def node(self) -> str:
+        return self._name
+
+    def call(
+        self, op: str, args: object = None, *, timeout: object = None, progress: object = None
+    ) -> object:
+        self.calls.append((op, dict(args or {})))  # type: ignore[call-overload]
+        if op == "handoff.receive" and callable(progress):
+            ev = {"event": "ready", "memory_port": 1, "disk_port": 2, "heatmap_port": 8099}
+            progress("@handoff " + json.dumps(ev))
+        return self.answers[op]
+
+
+def test_client_prints_the_page_url_and_asks_the_destination_for_it() -> None:
+    import io
+
+    from nephele.handoff.report import run_handoff
+    from nephele.model import NodeSpec
+
+    src = _FakeAgent(
+        "edge-a",
+        {"handoff.prepare": {"title": "web-1", "uuid": "u-1"}, "handoff.send": {"elapsed_s": 3.0}},
+    )
+    dst = _FakeAgent("edge-b", {"handoff.receive": {"downtime_s": 0.5, "iterations": 2}})
+    out = io.StringIO()
+    dest = NodeSpec(name="edge-b", address="10.9.0.2")
+    run_handoff(src, dst, "web-1", dest, source_address="10.9.0.1", out=out, err=io.StringIO(), heatmap=True)
+    assert "Heatmap: http://10.9.0.2:8099/heatmap/" in out.getvalue().splitlines()
+    ((op, args),) = dst.calls
+    assert op == "handoff.receive" and args["heatmap"] is True and args["heatmap_linger"] == 0.0
