@@ -490,8 +490,9 @@ def encode_files(
 
 
 def _encode_file(enc: Encoder, t: _TargetState, fd: int, path: Path, sha256: bool) -> bytes | None:
-    """Stream one image through the encoder in chunks; a helper thread reads chunk k+1 (target and base,
-    from the page cache or disk) while this thread classifies and compresses chunk k."""
+    """Stream one image through the encoder in chunks; a helper thread reads chunk k+1 of the target
+    (from the page cache or disk) while this thread classifies and compresses chunk k. The base is read
+    in place through its map (one copy less), except a chunk reaching its partial last block."""
     rs = enc.refs
     cap = min(CHUNK_BLOCKS, max(t.nblocks, 1))
     bufs = [(np.empty((cap, BLOCK), np.uint8), np.zeros((cap, BLOCK), np.uint8)) for _ in range(2)]
@@ -512,9 +513,12 @@ def _encode_file(enc: Encoder, t: _TargetState, fd: int, path: Path, sha256: boo
         if sha is not None:
             sha.update(mv[:want])
         nb = max(0, min(cnt, base_n - start))
-        if base_reader is not None and nb:
+        if base_reader is not None and nb and not mapped(start, cnt):
             base_reader.read_range(start, bbuf[:nb])
         return want
+
+    def mapped(start: int, cnt: int) -> bool:
+        return base_reader is not None and start + cnt <= base_reader.size // BLOCK
 
     starts = list(range(0, t.nblocks, CHUNK_BLOCKS))
     with ThreadPoolExecutor(1, thread_name_prefix="nephele-delta-read") as pool:
@@ -533,7 +537,12 @@ def _encode_file(enc: Encoder, t: _TargetState, fd: int, path: Path, sha256: boo
             if nb:
                 base_h[:nb] = rs.indexes[t.base].hashes[start : start + nb]  # type: ignore[index]
             enc.stats.input_bytes += want
-            enc._put(t, blocks, buf[:cnt], bbuf[:cnt], has_base, base_h, False)
+            base_rows = bbuf[:cnt]
+            if base_reader is not None and mapped(start, cnt):
+                base_rows = base_reader.view(start, cnt)  # type: ignore[assignment]
+            enc._put(t, blocks, buf[:cnt], base_rows, has_base, base_h, False)
+            if base_reader is not None and mapped(start, cnt):
+                base_reader.drop(start, cnt)
         if fut is not None:
             fut.result()
     if os.fstat(fd).st_size != t.size:

@@ -202,6 +202,19 @@ class RefReader:
     def fd(self) -> int:
         return self._fd
 
+    def view(self, start: int, count: int) -> np.ndarray | None:
+        """Blocks start..start+count straight from the map (no copy), if they are all whole blocks.
+        Call drop() when done so the pages do not stay mapped (counted as RSS)."""
+        if self._arr is None or start + count > self._full:
+            return None
+        if os.fstat(self._fd).st_size < self.size:
+            raise DeltaError(f"reference image {self.path} shrank while in use")
+        return self._arr[start : start + count]
+
+    def drop(self, start: int, count: int) -> None:
+        if self._mm is not None and count > 0:
+            self._mm.madvise(mmap.MADV_DONTNEED, start * BLOCK, count * BLOCK)
+
     def gather(self, blocks: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """out[i] = block blocks[i].
 
