@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from nephele.delta import Target, decode_files, encode_files
-from nephele.errors import Conflict, InvalidInput, NotFound
+from nephele.errors import Conflict, DeltaError, InvalidInput, NodeError, NotFound
 from nephele.node import domain as dx
 from nephele.node import images
 from nephele.node.runtime import NodeContext
@@ -37,6 +37,7 @@ from nephele.node.store import (
     fsync_dir,
     hash_files,
     read_json,
+    sha256_file,
 )
 from nephele.vmstate import load_parts, rebuild_save_image, replace_xml, split_save_image, store_parts
 
@@ -224,6 +225,9 @@ def store_capture(
         "disk_only": disk_only,
         "ram_files": ram_files,
         "targets": target_hashes,
+        # What the delta was made against, so a node whose reference differs says so instead of
+        # failing deep in the decoder (the image's disk is covered by its content id already).
+        "refs": {rid: sha256_file(Path(path)) for rid, path in refs.items() if rid != DISK_REF},
         "files": hash_files(stage, [DELTA]),
         "stats": _stats(stats),
     }
@@ -265,6 +269,26 @@ def qemu_img(argv: list[str]) -> None:
         raise InvalidInput(f"qemu-img {argv[0]} failed: {proc.stderr.strip()}")
 
 
+def _checked_image_ram(ctx: NodeContext, rec: ImageRecord, meta: dict[str, Any]) -> dict[str, Path]:
+    """The image's flat RAM, checked against the hashes the snapshot recorded; a derived copy that
+    differs is derived again once (it is a cache), then reported."""
+    want = {k: v for k, v in (meta.get("refs") or {}).items() if k.startswith("mem:")}
+    for attempt in (1, 2):
+        ram = image_ram(ctx, rec)
+        bad = [rid for rid, h in want.items() if rid[4:] not in ram or sha256_file(ram[rid[4:]]) != h]
+        if not bad:
+            return ram
+        ctx.log.warning("image %s: derived RAM %s differs from snapshot %s's (attempt %d)",
+                        rec.short_id, bad, meta["name"], attempt)  # fmt: skip
+        if attempt == 1:
+            with ctx.store.lock("image ram"):
+                shutil.rmtree(rec.path / RAM_DIR, ignore_errors=True)
+    raise NodeError(
+        f"snapshot {meta['name']} was made against different memory ({', '.join(bad)}) than image "
+        f"{rec.short_id} yields on this node; rebuild or re-import the snapshot"
+    )
+
+
 def materialise(ctx: NodeContext, snap_dir: Path, meta: dict[str, Any], out_dir: Path, xml_for: Any) -> Path:
     """Rebuild a snapshot into `out_dir`: disk.raw and, unless disk-only, a save image whose domain XML is
     `xml_for(saved_xml)`. Returns the save image path (or the disk for disk-only snapshots)."""
@@ -273,13 +297,18 @@ def materialise(ctx: NodeContext, snap_dir: Path, meta: dict[str, Any], out_dir:
     outputs: dict[str, Path] = {"disk": out_dir / "disk.raw"}
     ram_dir = out_dir / "ram"
     if not meta.get("disk_only"):
-        for block, path in image_ram(ctx, rec).items():
+        for block, path in _checked_image_ram(ctx, rec, meta).items():
             refs[_mem_ref(block)] = path
         shutil.copytree(snap_dir / STATE_DIR, ram_dir)
         for block, fname in meta["ram_files"].items():
             outputs[_mem_ref(block)] = ram_dir / fname
-    with open(snap_dir / DELTA, "rb") as inp:
-        decode_files(inp, refs, outputs)
+    try:
+        with open(snap_dir / DELTA, "rb") as inp:
+            decode_files(inp, refs, outputs)
+    except DeltaError as exc:
+        raise NodeError(
+            f"snapshot {meta['name']} does not rebuild against image {rec.short_id} on this node: {exc}"
+        ) from None
     if meta.get("disk_only"):
         return out_dir / "disk.raw"
     parts = load_parts(ram_dir)
