@@ -46,7 +46,6 @@ import numpy as np
 import xxhash
 
 from nephele.delta import Decoder, Encoder, RefSet
-from nephele.delta import decoder as _decoder_mod
 from nephele.delta.decoder import Sink
 from nephele.delta.stats import StreamStats
 from nephele.errors import HandoffError, NepheleError
@@ -81,10 +80,6 @@ RAM_ZERO = 0x002
 RAM_PAGE = 0x008
 RAM_CONTINUE = 0x020
 RUN_MAX = 512  # pages per PAGES message (2 MiB before encoding)
-# A run never crosses a 4 MiB boundary of its RAM block: the delta decoder rebuilds in power-of-two
-# windows, and a batch straddling two of them hit a decoder bug (kept blocks read back wrong;
-# tests/handoff/test_delta_contract.py). Aligned runs cost nothing measurable.
-ALIGN = 1024 * PAGE_SIZE
 _U64 = struct.Struct(">Q")
 _PAGES_HEAD = struct.Struct(">HI")
 
@@ -257,11 +252,7 @@ class MemorySource:
         self._run_offsets = set()
 
     def _add_page(self, ev: Page | ZeroPage) -> None:
-        if self._run and (
-            ev.block != self._run[0].block
-            or ev.offset in self._run_offsets
-            or ev.offset // ALIGN != self._run[0].offset // ALIGN
-        ):
+        if self._run and (ev.block != self._run[0].block or ev.offset in self._run_offsets):
             self._flush_run()
         self._run.append(ev)
         self._run_offsets.add(ev.offset)
@@ -485,17 +476,7 @@ class MemoryDestination:
             for i in range(len(blocks))
         }
         self._dec = Decoder(self.refs, sinks)  # type: ignore[arg-type]
-        # Workaround: the decoder's windowed writer hands a window to a writer thread and then reads
-        # blocks of it back from the file before they are written (its `_inflight` is never set), so a
-        # kept or copied page that was just flushed comes back wrong (tests/handoff/test_delta_contract.py).
-        # One window per RAM block means no flush before the end. Remove when the decoder is fixed.
-        largest = max((-(-int(b["size"]) // PAGE_SIZE) for b in blocks), default=1)
-        saved = _decoder_mod.WINDOW_BLOCKS
-        _decoder_mod.WINDOW_BLOCKS = max(saved, largest)
-        try:
-            self._dec.feed(delta)  # the TARGET frames: the images are made here
-        finally:
-            _decoder_mod.WINDOW_BLOCKS = saved
+        self._dec.feed(delta)
 
     def _pages(self, payload: bytes) -> None:
         if self._dec is None or self._writer is None:
