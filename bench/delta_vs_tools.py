@@ -589,6 +589,9 @@ def evaluate(runs: Sequence[Run]) -> list[tuple[str, list[Check]]]:
                     what, r.mbps / 1000, MIN_GBPS, True, f"{r.input_bytes / MB:.0f} MB in {r.seconds:.2f} s"
                 )
             )
+            if r.cpu_seconds > 0:  # steadier than wall time on a shared machine; all threads counted
+                what, detail = f"(info) {r.role}, per CPU second", f"{r.cpu_seconds:.2f} CPU s, all threads"
+                checks.append(Check(what, r.input_bytes / r.cpu_seconds / 1e9, MIN_GBPS, True, detail, True))
             fresh = float(r.extra.get("fresh_process_call_seconds") or 0.0)
             if fresh > 0:
                 what, detail = (
@@ -662,7 +665,7 @@ def render_checks(groups: Sequence[tuple[str, list[Check]]]) -> str:
     for label, checks in groups:
         lines.append(f"targets for {label} (issue 3):")
         for c in checks:
-            unit = " GB/s" if "GB/s" in c.what or "process" in c.what else " x"
+            unit = " GB/s" if "GB/s" in c.what or "process" in c.what or "CPU" in c.what else " x"
             verdict = "info" if c.info_only else ("PASS" if c.ok else "FAIL")
             if c.info_only:
                 verdict += " (would " + ("pass" if c.ok else "fail") + ")"

@@ -55,6 +55,10 @@ def test_targets_are_ratios_against_xdelta3() -> None:
     assert got["encode >= 20 x faster than xdelta3"] == (53.333, True)
     assert got["encode >= 1 GB/s of input"] == (2.0, True)
     assert got["decode >= 1 GB/s (bytes rebuilt)"] == (1.5, True)
+    cpu = dvt.Run("nephele lz4 encode", "encode", 3_000_000_000, seconds=1.5, cpu_seconds=2.0, output_bytes=1)
+    ((_, checks),) = dvt.evaluate([cpu, xd])
+    info = [c for c in checks if c.info_only]
+    assert [(c.what, c.value) for c in info] == [("(info) encode, per CPU second", 1.5)]
     bad = [_run("nephele lz4 encode", 5.0, 160_000_000), xd]
     checks = dvt.evaluate(bad)[0][1]
     assert [c.ok for c in checks] == [False, False, False]  # 0.8 x size, 16 x speed, 0.6 GB/s
