@@ -3,10 +3,16 @@ FakeTransport whose handler answers the agent ops apply uses, the way the node d
 shapes, typed errors). Faults: `down` nodes raise NodeUnreachable; `faults[(node, op)]` is a list of
 exceptions raised by the next calls; `delay[op]` sleeps to make overlap measurable; `calls` records
 (node, op, args, start, end) and `max_concurrent` the most ops in flight at once.
+
+Handoffs: the fake answers the live handoff protocol that nephele.handoff.perform speaks
+(handoff.prepare on the source, handoff.receive on the destination, handoff.send on the source); the
+source's `handoff.send` is booked as op "instance.handoff" (calls, delay, faults, handoffs_in_flight),
+the fake's one name for "the source side of a handoff", also answered directly.
 """
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import uuid as uuidlib
@@ -72,6 +78,8 @@ class FakeCloudlet:
         self.after: dict[tuple[str, str], Callable[[], None]] = {}  # run after an op succeeds
         self.lock = threading.Lock()
         self.made: list[str] = []
+        self.handoff_done: dict[str, threading.Event] = {}
+        self.handoff_dest: dict[str, str] = {}
 
     # ---------------------------------------------------------------------------------- helpers
 
@@ -104,8 +112,11 @@ class FakeCloudlet:
 
     # ---------------------------------------------------------------------------------- handler
 
-    def handle(self, node: str, req: dict[str, Any]) -> dict[str, Any]:
-        op, args = req["op"], req["args"]
+    def handle(
+        self, node: str, req: dict[str, Any], progress: Callable[[str], None] | None = None
+    ) -> dict[str, Any]:
+        real_op, args = req["op"], req["args"]
+        op = "instance.handoff" if real_op == "handoff.send" else real_op
         if node in self.down:
             raise NodeUnreachable("connection refused (fake)", node=node)
         with self.lock:
@@ -125,7 +136,10 @@ class FakeCloudlet:
             if fault is not None:
                 raise fault
             try:
-                result = self.op(self.nodes[node], op, args)
+                if real_op.startswith("handoff."):
+                    result = self.handoff_op(node, real_op, args, progress or (lambda line: None))
+                else:
+                    result = self.op(self.nodes[node], op, args)
             except NepheleError as exc:
                 return protocol.error_response(req["id"], getattr(exc, "kind", "node"), str(exc))
             hook = self.after.pop((node, op), None)
@@ -140,6 +154,34 @@ class FakeCloudlet:
                 if op == "instance.handoff":
                     self.handoffs_in_flight -= 1
                 self.calls.append((node, op, dict(args), start, time.monotonic()))
+
+    def handoff_op(self, node: str, op: str, args: dict[str, Any], progress: Callable[[str], None]) -> Any:
+        """The live handoff protocol (nephele.handoff.controller.perform), faked."""
+        if op == "handoff.prepare":
+            i = self._select(self.nodes[node], args["instance"])
+            with self.lock:
+                self.handoff_done[i.uuid] = threading.Event()
+            return {"title": i.title, "uuid": i.uuid, "state": i.state}
+        if op == "handoff.receive":
+            uuid = args["instance"]["uuid"]
+            with self.lock:
+                self.handoff_dest[uuid] = node
+            ready = {"event": "ready", "memory_port": 1, "disk_port": 2, "refs": []}
+            progress("@handoff " + json.dumps(ready))
+            if not self.handoff_done[uuid].wait(30):
+                raise RemoteError("handoff", "the source never sent")
+            return {"downtime_s": 0.05, "stats_file": f"/var/nephele/logs/{uuid}.stats"}
+        if op == "handoff.send":
+            src = self.nodes[node]
+            i = src.instances[args["uuid"]]
+            ev = {"event": "progress", "iteration": 1, "wire_bytes": 2**20, "rate_bps": 2.5e6, "eta_s": 1}
+            progress("@handoff " + json.dumps(ev))
+            progress("43%")
+            del src.instances[i.uuid]
+            self.nodes[self.handoff_dest[i.uuid]].instances[i.uuid] = i
+            self.handoff_done[i.uuid].set()
+            return {"elapsed_s": 0.2}
+        raise RemoteError("unsupported", f"unknown op {op!r}")
 
     def _select(self, n: Node, ref: str) -> Inst:
         if ref in n.instances:
@@ -241,10 +283,27 @@ class FakeCloudlet:
         raise RemoteError("unsupported", f"unknown op {op!r}")
 
 
+def fake_handoff(req: Any) -> str:
+    """A HandoffFn for the fake cloudlet: the source node's fake `instance.handoff` moves the record."""
+    from nephele.agent import Agent
+
+    Agent(req.source).call(
+        "instance.handoff",
+        {"instance": req.uuid or req.instance, "dest_node": req.dest_spec.name, "mode": req.mode},
+        progress=req.progress,
+    )
+    req.progress("43%")
+    return f"moved to {req.dest_spec.name}"
+
+
 class _FileFakeTransport(FakeTransport):
     """File copies land in the fake node's file set instead of the local disk."""
 
     cloudlet: FakeCloudlet
+
+    def call(self, request: Any, *, timeout: float | None = None, progress: Any = None) -> Any:
+        self.requests.append(request)
+        return self.cloudlet.handle(self.node, request, progress)
 
     def put_file(self, local: str | Path, remote: str) -> None:
         assert Path(local).is_file(), local

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fakenodes import FakeCloudlet
+from fakenodes import FakeCloudlet, fake_handoff
 
 from nephele import manifest
 from nephele.errors import NodeUnreachable, PlanError, RemoteError
@@ -87,6 +87,7 @@ def run(
         inventory=InventoryStore(tmp / "state", d.name),
         say=lines.append,
         sleep=(sleeps.append if sleeps is not None else lambda s: None),
+        handoff_fn=fake_handoff,
     )
     return result, lines
 
@@ -209,7 +210,7 @@ def test_max_parallel_handoffs_is_respected(tmp_path: Path) -> None:
     assert result.ok, lines
     assert overlap(fc, "instance.handoff") == 1
     assert [n for n, _ in fc.find("vm-a")] == ["n2"] and [n for n, _ in fc.find("vm-b")] == ["n4"]
-    assert any("vm-a: n1 → n2" in line for line in lines)
+    assert any("vm-a: n1 → n2" in line and line.endswith("… 43%") for line in lines)
 
 
 def test_parallel_handoffs_when_allowed(tmp_path: Path) -> None:
@@ -476,3 +477,47 @@ def test_a_timed_out_change_is_not_retried(tmp_path: Path) -> None:
     r = next(r for r in result.results if r.action.id == "start_instance:instance/web-1")
     assert r.status is Status.FAILED and r.attempts == 1 and sleeps == []
     assert r.error and "may still be running on edge-a, so it is not retried" in r.error
+
+
+def test_cold_handoff_is_refused_clearly(tmp_path: Path) -> None:
+    from nephele.reconcile.execute import ActionFailed, HandoffRequest, live_handoff
+
+    d = two_nodes(tmp_path)
+    fc = FakeCloudlet("edge-a", "edge-b")
+    req = HandoffRequest(
+        instance="web-1",
+        uuid="u",
+        source=fc.transport("edge-a"),
+        dest=fc.transport("edge-b"),
+        source_spec=d.nodes["edge-a"],
+        dest_spec=d.nodes["edge-b"],
+        mode="cold",
+        downtime_ms=5000,
+        progress=lambda s: None,
+    )
+    with pytest.raises(ActionFailed, match=r"cold handoff .* is not supported yet"):
+        live_handoff(req)
+    assert fc.calls == []
+
+
+def test_handoff_progress_line() -> None:
+    from nephele.reconcile.execute import handoff_progress
+
+    ev = {"iteration": 3, "wire_bytes": 12 * 2**20, "rate_bps": 2.3e6, "eta_s": 9.4}
+    assert handoff_progress(ev) == "iteration 3  12.0 MiB over the wire  18.4 Mbit/s  ETA 9 s"
+    assert handoff_progress({"paused": True}).startswith("stop-and-copy  0.0 MiB")
+
+
+def test_default_handoff_speaks_the_handoff_protocol(tmp_path: Path) -> None:
+    """The default handoff_fn (nephele.handoff.perform) against the fake's protocol ops."""
+    d, fc = handoff_setup(tmp_path, "{maxParallelHandoffs: 1, downtimeBudget: 2s}")
+    lines: list[str] = []
+    result = apply(make_plan(d, fc), d, TransportPool(d, fc.factory), say=lines.append)
+    assert result.ok, lines
+    assert [n for n, _ in fc.find("vm-a")] == ["n2"] and [n for n, _ in fc.find("vm-b")] == ["n4"]
+    prepare = [args for n, op, args, _, _ in fc.calls if op == "handoff.prepare"]
+    assert len(prepare) == 2
+    assert any("vm-a: n1 → n2" in x and "initiated to tcp://10.0.0.2:8022" in x for x in lines)
+    assert any(x.endswith("… iteration 1  1.0 MiB over the wire  20.0 Mbit/s  ETA 1 s") for x in lines)
+    done = [x for x in lines if x.startswith("vm-a:") and "done in" in x]
+    assert done and "downtime 0.05 s" in done[0] and "stats /var/nephele/logs/" in done[0]
