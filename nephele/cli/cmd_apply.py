@@ -114,6 +114,8 @@ def _confirm(out: TextIO) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.parallelism is not None and args.parallelism < 1:
+        raise PlanError("--parallelism must be at least 1")
     if bool(args.planfile) == bool(args.file):
         raise PlanError("give either -f MANIFEST or a PLANFILE (from `nephele plan -out`), not both")
     saved = planfile.load(args.planfile) if args.planfile else None
@@ -195,8 +197,6 @@ def _run_locked(
     rev = ctl.revision()
     journal.begin(manifest=ctl.desired.name, revision=rev["text"], actions=[a.id for a in the_plan.actions])
     parallelism = args.parallelism or ctl.desired.policy.parallelism
-    if parallelism < 1:
-        raise PlanError("--parallelism must be at least 1")
     say("")
     result = None
     try:

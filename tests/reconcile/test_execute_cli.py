@@ -229,3 +229,14 @@ def test_plan_observes_live_nodes(setup: tuple[Path, FakeCloudlet], capsys: Any)
     assert "+ instance/web-1" in out
     assert "node edge-b is unreachable since" in out and "connection refused" in out
     assert not (path.parent / ".nephele").exists()  # plan writes no state
+
+
+def test_usage_errors_touch_nothing(setup: tuple[Path, FakeCloudlet], capsys: Any) -> None:
+    path, fc = setup
+    code, _, err = cli(capsys, "apply", "-f", str(path), "--auto-approve", "--parallelism", "0")
+    assert code == 1 and "--parallelism must be at least 1" in err
+    code, _, err = cli(capsys, "apply", "-f", str(path), "plan.json")
+    assert code == 1 and "not both" in err
+    code, _, err = cli(capsys, "apply")
+    assert code == 1 and "give either -f MANIFEST or a PLANFILE" in err
+    assert fc.calls == [] and not (path.parent / ".nephele").exists()
