@@ -315,7 +315,7 @@ def test_down_leaves_nothing_and_up_cleans_stale(
 
 
 def test_cli_up_status_down(tmp_path: Path) -> None:
-    from conftest import cloudlet_workdir
+    from support import cloudlet_workdir
 
     name = f"pc{os.getpid() % 100000}"
     nephele = [sys.executable, "-m", "nephele", "cloudlet"]
@@ -409,7 +409,7 @@ def test_down_keep_leaves_only_the_state_directory(cloudlet_factory: Callable[..
 def test_up_refuses_a_subnet_in_use_and_makes_nothing(
     cloudlet: Cloudlet, cloudlet_factory: Callable[..., Cloudlet]
 ) -> None:
-    from conftest import cloudlet_workdir
+    from support import cloudlet_workdir
 
     with pytest.raises(Exception, match=rf"subnet {re.escape(cloudlet.subnet)} is already used by interface"):
         cloudlet_factory(1, name="clash", subnet=cloudlet.subnet)

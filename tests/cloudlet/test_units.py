@@ -216,7 +216,7 @@ def test_delay_proxy_cli_rejects_bad_address(capsys: pytest.CaptureFixture[str])
 
 
 def test_fixture_prerequisites_fail_loudly_never_skip(monkeypatch: pytest.MonkeyPatch) -> None:
-    from conftest import require
+    from support import require
 
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     with pytest.raises(pytest.fail.Exception, match=r"must run as root.*'no-such-tool-x' not found"):

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import MANIFEST, observed_dict
+from plandata import MANIFEST, observed_dict
 
 from nephele.cli.main import main
 from nephele.reconcile import planfile

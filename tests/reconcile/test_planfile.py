@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import observed_dict
+from plandata import observed_dict
 
 from nephele.errors import PlanError, StalePlanError
 from nephele.model import Desired, Observed

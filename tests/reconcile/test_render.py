@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from conftest import MANIFEST, observed_dict
+from plandata import MANIFEST, observed_dict
 
 from nephele import manifest
 from nephele.model import Desired, Observed
