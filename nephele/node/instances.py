@@ -188,14 +188,17 @@ def run(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
             )
             restore_file: Path | None = None
             if snap is not None:
-                disk = inst_dir / "disk.raw"
+                disk = inst_dir / "disk.qcow2"
                 ctx.progress(f"Rebuilding snapshot {snap[1]['name']} against image {image.short_id}...")
                 made = snapshots.materialise(
-                    ctx, snap[0], snap[1], inst_dir, lambda saved: xml_for(saved, disk, "raw")
+                    ctx, snap[0], snap[1], inst_dir, lambda saved: xml_for(saved, disk, "qcow2")
                 )
+                # Every instance disk is a qcow2 overlay on its image's disk, as a live handoff expects:
+                # the NBD mirror then moves only the overlay, and the destination holds the base.
+                _overlay_from_full(image.disk, inst_dir / "disk.raw", disk)
                 if not (disk_only or snap[1].get("disk_only")):
                     restore_file = made
-                xml = xml_for(ctx.hv.saved_xml(image.memory), disk, "raw")
+                xml = xml_for(ctx.hv.saved_xml(image.memory), disk, "qcow2")
             else:
                 disk = inst_dir / "disk.qcow2"
                 _overlay(image.disk, disk)
@@ -238,6 +241,23 @@ def _overlay(base: Any, disk: Any) -> None:
     )
     if proc.returncode != 0:
         raise NodeError(f"cannot create the instance disk {disk}: {proc.stderr.strip()}")
+
+
+def _overlay_from_full(base: Path, full: Path, disk: Path) -> None:
+    """Turn a full raw disk into a qcow2 overlay on `base` holding only the clusters that differ:
+    an overlay on the full disk, rebased (safe mode compares both backings) onto the base."""
+    steps = (
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(full), "-F", "raw", str(disk)],
+        ["qemu-img", "rebase", "-q", "-b", str(base), "-F", "raw", str(disk)],
+    )
+    try:
+        for argv in steps:
+            proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+            if proc.returncode != 0:
+                disk.unlink(missing_ok=True)
+                raise NodeError(f"cannot create the instance disk {disk}: {proc.stderr.strip()}")
+    finally:
+        full.unlink(missing_ok=True)
 
 
 def _cleanup(ctx: NodeContext, uuid: str) -> None:
