@@ -87,6 +87,16 @@ def parse_state(text: str) -> dict[str, str]:
     return dict(kv.split("=", 1) for kv in text.split() if "=" in kv)
 
 
+def wipe(agent: Agent) -> None:
+    """Remove every instance, snapshot and image from a node (through its own ops)."""
+    for inst in agent.call("instance.ls"):
+        agent.call("instance.rm", {"instance": inst["uuid"]})
+    for snap in agent.call("snapshot.ls"):
+        agent.call("snapshot.rm", {"name": snap["name"]})
+    for image in agent.call("image.ls"):
+        agent.call("image.rm", {"id": image["id"], "force": True})
+
+
 @pytest.fixture(scope="module")
 def nodes(cloudlet: Cloudlet) -> Iterator[tuple[CloudletNode, CloudletNode]]:
     yield cloudlet.nodes[0], cloudlet.nodes[1]
@@ -95,6 +105,8 @@ def nodes(cloudlet: Cloudlet) -> Iterator[tuple[CloudletNode, CloudletNode]]:
 @pytest.fixture(scope="module")
 def agents(nodes: tuple[CloudletNode, CloudletNode]) -> Iterator[tuple[Agent, Agent]]:
     a, b = Agent(transport(nodes[0])), Agent(transport(nodes[1]))
+    for agent in (a, b):
+        wipe(agent)  # the session cloudlet is shared: start from empty nodes whatever ran before
     yield a, b
     a.close()
     b.close()
