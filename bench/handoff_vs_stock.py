@@ -541,8 +541,13 @@ def main() -> int:
                     try:
                         r = run_multifd_qemu(c, work, work / "initrd.img", rate)
                     except Exception as e:  # a method that fails is a result
-                        r = {"ok": False, "total_s": 0.0, "link_bytes": 0, "downtime_s": None,
-                             "error": str(e)}
+                        r = {
+                            "ok": False,
+                            "total_s": 0.0,
+                            "link_bytes": 0,
+                            "downtime_s": None,
+                            "error": str(e),
+                        }
                     row = {"rate": rate, "method": m, "total_s": r["total_s"], "link_bytes": r["link_bytes"],
                            "downtime_s": r["downtime_s"], "survived": r["ok"], "error": r["error"],
                            "detail": None}  # fmt: skip
