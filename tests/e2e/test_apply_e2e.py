@@ -3,10 +3,11 @@ the controller in this process reaching the nodes' agents over SSH.
 
 The module builds its own base image and snapshot on a private cloudlet (scripted pauses, as a user
 would pause in virt-manager), exports them to the host as the manifest's source files, clears the node,
-then drives the manifest through its life: apply from scratch, re-apply (no-op), stop, start, a second
-instance, prune off / on, a node whose sshd is stopped, an apply killed mid-run and resumed (stale lock
-named, broken with force-unlock), a stale saved plan refused, a bad manifest refused before any node is
-touched, status. At most two VMs run at once. Tests run in file order and share one cloudlet.
+then drives the manifest through its life: apply from scratch, re-apply (no-op), a port change, stop,
+start, a second instance, prune off / on, a node whose sshd is stopped, an apply killed mid-run and
+resumed (stale lock named, broken with force-unlock), a stale saved plan refused, a placement change
+handed off live (the guest's counter goes on), a bad manifest refused before any node is touched,
+status. At most two VMs run at once. Tests run in file order and share one cloudlet.
 """
 
 from __future__ import annotations
@@ -228,6 +229,20 @@ def test_reapply_is_a_noop(w: World, capsys: Any) -> None:
     assert doc["last_applied"]["revision"] == doc["revision"]["text"]
 
 
+def test_port_change(w: World, capsys: Any) -> None:
+    w.write('  web-1: {snapshot: web, node: edge-a, ports: ["8081:80"]}\n')
+    code, out, err = nephele(capsys, "apply", "-f", str(w.manifest), "--auto-approve")
+    assert code == 0, out + err
+    assert "~ instance/web-1  ports 8080:80 → 8081:80 on edge-a" in out and "1 changed" in out
+    assert wait_for(lambda: http(f"http://{w.address('edge-a')}:8081/cgi-bin/state"), 30, "HTTP on 8081")
+    assert http(f"http://{w.address('edge-a')}:8080/cgi-bin/state") is None
+    assert w.instances("edge-a")["web-1"]["ports"] == ["8081:80"]
+    w.write('  web-1: {snapshot: web, node: edge-a, ports: ["8080:80"]}\n')
+    code, out, err = nephele(capsys, "apply", "-f", str(w.manifest), "--auto-approve")
+    assert code == 0, out + err
+    assert wait_for(lambda: http(f"http://{w.address('edge-a')}:8080/cgi-bin/state"), 30, "HTTP on 8080")
+
+
 def test_stop_then_start(w: World, capsys: Any) -> None:
     w.write('  web-1: {snapshot: web, node: edge-a, ports: ["8080:80"], state: stopped}\n')
     code, out, err = nephele(capsys, "apply", "-f", str(w.manifest), "--auto-approve")
@@ -330,6 +345,28 @@ def test_stale_saved_plan_is_refused(w: World, capsys: Any) -> None:
     code, out, err = nephele(capsys, "apply", str(plan_file))
     assert code == 0, out + err
     assert w.instances("edge-b")["web-2"]["state"] == "stopped"
+
+
+def test_placement_change_is_a_live_handoff(w: World, capsys: Any) -> None:
+    before = counter(
+        wait_for(lambda: http(f"http://{w.address('edge-a')}:8080/cgi-bin/state"), 30, "HTTP on edge-a")
+    )
+    w.write(
+        '  web-1: {snapshot: web, node: edge-b, ports: ["8080:80"]}\n'
+        "  web-2: {snapshot: web, node: edge-b, state: stopped}\n",
+        prune=True,
+    )
+    code, out, err = nephele(capsys, "apply", "-f", str(w.manifest), "--auto-approve")
+    assert code == 0, out + err
+    assert "» instance/web-1  edge-a → edge-b" in out and "1 handed off" in out
+    assert "web-1: edge-a → edge-b" in out and "initiated to tcp://" in out and "downtime" in out
+    assert [n for n, _ in running_copies(w, "web-1")] == ["edge-b"]
+    body = wait_for(lambda: http(f"http://{w.address('edge-b')}:8080/cgi-bin/state"), 30, "HTTP on edge-b")
+    assert counter(body) >= before  # the guest's counter went on: the same VM, not a fresh boot
+    code, out, _ = nephele(capsys, "status", "-f", str(w.manifest), "-o", "json")
+    doc = json.loads(out)
+    assert code == 0 and doc["ready"] is True
+    assert {i["name"]: i["actual"]["node"] for i in doc["instances"]}["web-1"] == "edge-b"
 
 
 def test_bad_manifest_touches_no_node(w: World, capsys: Any) -> None:
