@@ -24,6 +24,7 @@ import os
 import socket
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from nephele.errors import Conflict, HandoffError, InvalidInput, NepheleError
@@ -155,13 +156,15 @@ def receive(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
     ports = dx.ports_from_text(",".join(inst.get("ports") or []))
     instances.check_ports_free(ctx, ports)
     inst_dir = ctx.store.instance_dir(uuid)
-    disk = inst_dir / "disk.qcow2"
-    if str(disk) != str(inst["disk"]):
+    disk = Path(str(inst["disk"]))
+    if disk.parent != inst_dir:
         raise InvalidInput(
-            f"the instance disk is {inst['disk']} on the source but would be {disk} here: both nodes "
-            "need the "
-            "same node root for a live handoff"
+            f"the instance disk is {disk} on the source, outside {inst_dir} here: both nodes need the same "
+            "node root for a live handoff (libvirt keeps the disk path)"
         )
+    disk_format = str(inst.get("disk_format") or "qcow2")
+    if disk_format not in ("qcow2", "raw"):
+        raise InvalidInput(f"instance disk format {disk_format!r}: a live handoff takes qcow2 or raw disks")
     if inst_dir.exists():
         raise Conflict(f"{inst_dir} already exists on this node (a leftover of another handoff?)")
 
@@ -181,7 +184,10 @@ def receive(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
         refs = refsmod.prepare(ctx.store, image)
         records.log(f"references: {', '.join(sorted(refs)) or 'none'}")
         inst_dir.mkdir(parents=True)
-        migrate.create_overlay(disk, image.disk, int(inst["disk_size"]))
+        if disk_format == "qcow2":  # an empty overlay on the local base: the mirror copies only the top
+            migrate.create_overlay(disk, image.disk, int(inst["disk_size"]))
+        else:  # a raw disk is copied whole
+            migrate.create_sparse(disk, int(inst["disk_size"]))
         mem_port, disk_port = free_port(), free_port()
         listener = ch.HandoffListener(address, port, hid, token)
         unwatch = migrate.watch_lifecycle(hv, uuid, mark)

@@ -62,11 +62,22 @@ def prepare(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
         "title": info.tags.get("title", info.name),
         "image": image.content_id,
         "disk": disk,
+        "disk_format": _disk_format(info.xml),
         "disk_size": migrate.disk_virtual_size(disk),
         "memory_bytes": info.memory_kib * 1024,
         "ports": [str(p) for p in dx.ports_from_text(info.tags.get("ports"))],
         "tags": info.tags,
     }
+
+
+def _disk_format(xml: str) -> str:
+    import xml.etree.ElementTree as ET
+
+    for disk in ET.fromstring(xml).findall("devices/disk"):
+        target, driver = disk.find("target"), disk.find("driver")
+        if target is not None and target.get("dev") == "vda" and driver is not None:
+            return str(driver.get("type") or "raw")
+    return "raw"
 
 
 class _Proxies:

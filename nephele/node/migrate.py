@@ -80,6 +80,12 @@ def create_overlay(path: Path, backing: Path, size: int) -> None:
         raise NodeError(f"cannot create the destination disk {path}: {proc.stderr.strip()}")
 
 
+def create_sparse(path: Path, size: int) -> None:
+    """The destination disk of a raw (not overlay) instance disk: NBD copies all of it."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+
+
 @dataclass
 class LifecycleMark:
     stopped: float | None = None  # source: paused for the switchover
