@@ -610,7 +610,7 @@ def evaluate(runs: Sequence[Run]) -> list[tuple[str, list[Check]]]:
                 checks.append(Check(what, r.input_bytes / r.cpu_seconds / 1e9, MIN_GBPS, True, detail, True))
             nofsync = float(r.extra.get("no_fsync_seconds") or 0.0)
             if nofsync > 0:
-                what, detail = "(info) decode without fsync (durable=False)", f"{nofsync:.2f} s"
+                what, detail = "(info) decode without fsync", f"{nofsync:.2f} s (durable=False)"
                 checks.append(Check(what, r.input_bytes / nofsync / 1e9, MIN_GBPS, True, detail, True))
             fresh = float(r.extra.get("fresh_process_call_seconds") or 0.0)
             if fresh > 0:
