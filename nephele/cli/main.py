@@ -20,11 +20,13 @@ from nephele.errors import ManifestError, NepheleError
 COMMANDS = ["validate", "plan", "apply", "status", "watch", "handoffs", "cloudlet", "agent"]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """All subcommands, or just `only`: `nephele agent call` runs once per request on a node, and
+    importing every front end (jsonschema, the planner...) would dominate its start-up time."""
     parser = argparse.ArgumentParser(prog="nephele", description=__doc__.split("\n")[0] if __doc__ else None)
     parser.add_argument("--version", action="version", version=f"nephele {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMANDS:
+    for name in [only] if only else COMMANDS:
         try:
             module = importlib.import_module(f"nephele.cli.cmd_{name}")
         except ModuleNotFoundError as exc:
@@ -36,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser("agent" if argv[:1] == ["agent"] else None).parse_args(argv)
     try:
         return int(args.func(args))
     except ManifestError as exc:

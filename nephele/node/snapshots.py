@@ -24,7 +24,6 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from nephele.delta import Target, decode_files, encode_files
 from nephele.errors import Conflict, DeltaError, InvalidInput, NodeError, NotFound
 from nephele.node import domain as dx
 from nephele.node import images
@@ -188,6 +187,8 @@ def store_capture(
     """Turn `stage/disk.raw` + `stage/memory.save` (a captured VM) into a stored snapshot: one delta
     against the image `rec`, plus the save image's small parts. `stage` is renamed into the store."""
     ram = {} if disk_only else image_ram(ctx, rec)
+    from nephele.delta import Target, encode_files  # numba: only paid by the ops that encode
+
     targets = [Target("disk", "disk", stage / "disk.raw", DISK_REF)]
     refs: dict[str, Path] = {DISK_REF: rec.disk}
     state_dir = stage / STATE_DIR
@@ -304,6 +305,8 @@ def materialise(ctx: NodeContext, snap_dir: Path, meta: dict[str, Any], out_dir:
             outputs[_mem_ref(block)] = ram_dir / fname
     try:
         with open(snap_dir / DELTA, "rb") as inp:
+            from nephele.delta import decode_files  # numba: only paid by the ops that decode
+
             decode_files(inp, refs, outputs)
     except DeltaError as exc:
         raise NodeError(
