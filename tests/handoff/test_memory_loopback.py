@@ -11,16 +11,21 @@ import time
 from pathlib import Path
 
 import pytest
+from support import require
 
 from nephele.errors import HandoffError
 from nephele.handoff import channel as ch
 from nephele.handoff.memory import MemoryDestination, MemorySource, MemoryStats, mem_ref_id
-from tests.vmstate.qemu import COUNTER_ADDR, QEMU, Vm, boot_disk
+from tests.vmstate.qemu import COUNTER_ADDR, Vm, boot_disk
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 is not installed"),
-]
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(autouse=True)
+def _prerequisites() -> None:
+    require(root=False, tools=("qemu-system-x86_64",))  # fail loudly, never skip
+
+
 MEM_MB = 64
 
 

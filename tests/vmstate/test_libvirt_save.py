@@ -6,23 +6,23 @@ from __future__ import annotations
 
 import contextlib
 import re
-import shutil
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
+from support import require
 
 from nephele.vmstate import savefile as sf
 from tests.vmstate.qemu import COUNTER_ADDR, boot_disk
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(
-        shutil.which("virsh") is None or shutil.which("qemu-system-x86_64") is None,
-        reason="virsh or qemu-system-x86_64 is not installed",
-    ),
-]
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(autouse=True)
+def _prerequisites() -> None:
+    require(root=False, tools=("virsh", "qemu-system-x86_64"))  # fail loudly, never skip
+
 
 MEM = 64 << 20
 HOLE = (0xA0000, 0x100000)

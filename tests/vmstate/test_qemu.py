@@ -14,15 +14,19 @@ import time
 from pathlib import Path
 
 import pytest
+from support import require
 
 from nephele.vmstate import image
 from nephele.vmstate import stream as s
-from tests.vmstate.qemu import COUNTER_ADDR, QEMU, Vm, boot_disk
+from tests.vmstate.qemu import COUNTER_ADDR, Vm, boot_disk
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 is not installed"),
-]
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(autouse=True)
+def _prerequisites() -> None:
+    require(root=False, tools=("qemu-system-x86_64",))  # fail loudly, never skip
+
 
 MEM = 64 << 20
 HOLE = (0xA0000, 0x100000)  # VGA window and BIOS shadows: guest-physical view differs from pc.ram there
