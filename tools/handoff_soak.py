@@ -217,7 +217,17 @@ def main() -> int:
             if err is not None:
                 break
             if not ok:
-                print(json.dumps({"serial_tail": text[-3000:]}), flush=True)
+                conn = libvirt.open(other.libvirt_uri)
+                try:
+                    dstate = conn.lookupByUUIDString(uuid).state()
+                except libvirt.libvirtError as e:
+                    dstate = [str(e)]
+                finally:
+                    conn.close()
+                late = state(other, 60) if err is None and after is None else None
+                text = log_d.read_bytes()[off:].decode(errors="replace") if log_d.exists() else ""
+                tail = {"serial_tail": text[-3000:], "dest_domain_state": dstate, "late_state": late}
+                print(json.dumps(tail), flush=True)
             if not ok or ns.fresh:  # a broken guest cannot move on; --fresh: every move starts anew
                 uuid = fresh(c, uuid, source)
                 cur, other = a, b
