@@ -214,8 +214,14 @@ def main() -> int:
             print(json.dumps({"run": i + 1, "from": cur.name, "to": other.name, "ok": ok, "error": err,
                               "seconds": round(took, 1), "splat": splat[:6], "before": before,
                               "after": after}), flush=True)  # fmt: skip
-            if err is not None:
-                break
+            if err is not None:  # what the destination's QEMU and handoff logs say, then start anew
+                logs = {}
+                for f in [
+                    *(other.libvirt_dir / "log" / "qemu").glob("nephele-*.log"),
+                    *(other.host_root / "logs").glob("handoff_*.log"),
+                ]:
+                    logs[str(f.name)] = f.read_text(errors="replace")[-2500:]
+                print(json.dumps({"dest_logs": logs}), flush=True)
             if not ok:
                 conn = libvirt.open(other.libvirt_uri)
                 try:
