@@ -27,12 +27,13 @@ from typing import Any
 
 import libvirt
 import pytest
+from support import build_demo_artifacts
 
 from nephele.agent import Agent
 from nephele.agent.nodes import transport_for_node
 from nephele.cli.main import main
 from nephele.cloudlet import Cloudlet, reap_orphans
-from nephele.cloudlet.guest import GuestFiles, cmdline
+from nephele.cloudlet.guest import GuestFiles
 from nephele.reconcile import events as eventlog
 from nephele.reconcile.watch import Watcher, WatchOptions, read_state
 
@@ -125,42 +126,6 @@ class World:
         return eventlog.read(self.state / "events.jsonl")
 
 
-def _scripted_pause(node: Any, prefix: str, call: Any, ready: Any) -> Any:
-    """Run `call` (a node op that boots a VM and waits for its pause) in a thread; pause the VM it
-    starts (name prefix) once `ready(dom)` says so, through the node's libvirtd."""
-    outcome: dict[str, Any] = {}
-
-    def work() -> None:
-        try:
-            outcome["result"] = call()
-        except Exception as exc:  # reported below
-            outcome["error"] = exc
-
-    worker = threading.Thread(target=work, daemon=True)
-    worker.start()
-    conn = libvirt.open(node.libvirt_uri)
-    try:
-
-        def find() -> Any:
-            if "error" in outcome:
-                raise outcome["error"]
-            for d in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
-                if d.name().startswith(prefix):
-                    return d
-            return None
-
-        dom = wait_for(find, 180, f"the {prefix} VM")
-        wait_for(lambda: ready(dom), 180, f"{prefix} VM ready")
-        dom.suspend()
-    finally:
-        conn.close()
-    worker.join(300)
-    assert not worker.is_alive(), f"{prefix}: the node op did not return after the pause"
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["result"]
-
-
 @pytest.fixture(scope="module")
 def w(guest: GuestFiles, tmp_path_factory: Any) -> Iterator[World]:
     reap_orphans(WORKDIR)
@@ -172,46 +137,7 @@ def w(guest: GuestFiles, tmp_path_factory: Any) -> Iterator[World]:
         for spec in c.node_specs():
             world.agents[spec.name] = Agent(transport_for_node(spec, timeout=600))
         a = c.nodes[0]
-        agent = world.agents[a.name]
-        inbox = a.host_root / "inbox"
-        inbox.mkdir(parents=True, exist_ok=True)
-        desc = {
-            "disk": str(guest.disk),
-            "kernel": str(guest.kernel),
-            "initrd": str(guest.initrd),
-            "cmdline": cmdline(fill_mib=8, dirty_mib=1, disk_kib=4),
-            "memory_kib": 131072,
-            "name": "tiny",
-        }
-        (inbox / "tiny.json").write_text(json.dumps(desc))
-
-        def serial_ready(dom: Any) -> bool:
-            import xml.etree.ElementTree as ET
-
-            src = ET.fromstring(dom.XMLDesc(0)).find("devices/serial/source")
-            assert src is not None
-            path = a.host_root / Path(str(src.get("path"))).relative_to(a.root)
-            return path.is_file() and b"NEPHELE-READY" in path.read_bytes()
-
-        image = _scripted_pause(
-            a,
-            "nephele-build-",
-            lambda: agent.call("image.build", {"path": f"{a.root}/inbox/tiny.json", "timeout": 300}),
-            serial_ready,
-        )
-        started = time.monotonic()
-        _scripted_pause(
-            a,
-            "nephele-snap-",
-            lambda: agent.call("snapshot.build", {"image": image["id"], "dest": "web", "timeout": 300}),
-            lambda dom: time.monotonic() - started > 3,
-        )
-        for kind, op_args in (("image", {"id": "tiny"}), ("snapshot", {"name": "web"})):
-            remote = f"{a.root}/inbox/{kind}.zip"
-            agent.call(f"{kind}.export", {**op_args, "dest": remote})
-            agent.transport.get_file(remote, world.dir / ("tiny.zip" if kind == "image" else "web.zip"))
-        agent.call("snapshot.rm", {"name": "web"})
-        agent.call("image.rm", {"id": image["id"]})
+        build_demo_artifacts(a, world.agents[a.name], guest, world.dir)
         # The infrastructure repo: a bare origin, an operator's clone, the daemon's checkout.
         bare = world.dir / "infra.git"
         git(world.dir, "init", "-q", "--bare", "-b", "main", str(bare))
