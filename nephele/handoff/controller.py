@@ -59,7 +59,12 @@ class HandoffResult:
     @property
     def downtime_s(self) -> float | None:
         d = self.destination.get("downtime_s")
-        return None if d is None else float(d)
+        if d is not None:
+            return float(d)
+        # The stop time travels on the memory channel; on a fast link the stream can end before it
+        # does. The source's own record of the stop, against the destination's resume, gives the same.
+        stopped, resumed = self.source.get("stopped_at"), self.destination.get("resumed_at")
+        return None if stopped is None or resumed is None else round(float(resumed) - float(stopped), 3)
 
     @property
     def elapsed_s(self) -> float:

@@ -246,6 +246,7 @@ def receive(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
         _update(rec, chans)
         return {
             **rec.to_dict(),
+            "resumed_at": resumed,
             "memory": {k: v for k, v in vars(ms).items() if k != "delta"},
             "refs": sorted(refs),
             "stats_file": str(records.stats_path),
