@@ -12,7 +12,7 @@ bootstrap:
 
 ## make test: lint, type check, layer contract, then every test (unit and integration)
 test: bootstrap check
-	$(PY) -m pytest -q
+	tools/test.sh
 
 ## make unit: only the tests that need no VM, node or namespace
 unit: bootstrap
