@@ -267,17 +267,22 @@ def atomic_rename(tmp: Path, dest: Path) -> None:
     fsync_dir(dest.parent)
 
 
-def import_(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
+def open_export(args: dict[str, Any], what: str) -> tuple[zipfile.ZipFile, str, Path]:
+    """The export zip named by the `path` argument of an `image import` / `snapshot import` request."""
     raw = args.get("path")
     if not isinstance(raw, str) or not raw:
-        raise InvalidInput("image import: no FILE given")
+        raise InvalidInput(f"{what} import: no FILE given")
     src = Path(raw).expanduser()
     if not src.is_file():
-        raise InvalidInput(f"image import: {raw}: no such file")
+        raise InvalidInput(f"{what} import: {raw}: no such file")
     try:
-        zf = zipfile.ZipFile(src)
+        return zipfile.ZipFile(src), raw, src
     except (zipfile.BadZipFile, OSError) as exc:
-        raise InvalidInput(f"image import: {raw}: not a nephele image export ({exc})") from None
+        raise InvalidInput(f"{what} import: {raw}: not a nephele {what} export ({exc})") from None
+
+
+def import_(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
+    zf, raw, src = open_export(args, "image")
     with zf, ctx.store.staging("import") as stage:
         meta = _read_export_meta(zf, raw)
         expected = {n: str(v["sha256"]) for n, v in meta["files"].items()}

@@ -349,16 +349,7 @@ def export(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
 
 
 def import_(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
-    raw = args.get("path")
-    if not isinstance(raw, str) or not raw:
-        raise InvalidInput("snapshot import: no FILE given")
-    src = Path(raw).expanduser()
-    if not src.is_file():
-        raise InvalidInput(f"snapshot import: {raw}: no such file")
-    try:
-        zf = zipfile.ZipFile(src)
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise InvalidInput(f"snapshot import: {raw}: not a nephele snapshot export ({exc})") from None
+    zf, raw, src = images.open_export(args, "snapshot")
     with zf, ctx.store.staging("snapimport") as stage:
         try:
             meta = json.loads(zf.read(EXPORT_META))
