@@ -48,6 +48,15 @@ class _LineSink(io.TextIOBase):
         pass
 
 
+class _WholeRequest(io.StringIO):
+    """The request as fabric's stdin. invoke reads a stream that is not a TTY one byte per 10 ms poll,
+    which made every call cost ~10 ms per byte of its request (seconds for a handoff's); this stream
+    hands over everything left on the first read, then EOF."""
+
+    def read(self, size: int | None = -1) -> str:
+        return super().read()
+
+
 class SSHTransport:
     def __init__(
         self,
@@ -141,7 +150,7 @@ class SSHTransport:
             try:
                 result = conn.run(
                     self._command(),
-                    in_stream=io.StringIO(protocol.encode(request).decode()),
+                    in_stream=_WholeRequest(protocol.encode(request).decode()),
                     hide="stdout",
                     err_stream=_LineSink(progress or print_progress, tail),
                     warn=True,
