@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from nephele import __version__
-from nephele.node import history, images, instances, observe, snapshots, supervisor
+from nephele.node import copies, history, images, instances, observe, snapshots, supervisor
 from nephele.node.runtime import NodeContext
 
 Op = Callable[[NodeContext, dict[str, Any]], Any]
@@ -48,6 +48,9 @@ OPS: dict[str, Op] = {
     "image.export": images.export,
     "image.import": images.import_,
     "image.rm": images.rm,
+    "image.export_delta": copies.export_delta,  # a copy to a node: only what it lacks (copies.py)
+    "image.import_delta": copies.import_delta,
+    "copy.discard": copies.discard,  # a copy's file in tmp/, once fetched or imported
     "snapshot.build": snapshots.build,
     "snapshot.ls": snapshots.ls,
     "snapshot.rm": snapshots.rm,

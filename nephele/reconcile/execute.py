@@ -23,6 +23,7 @@ The node ops used (docs/apply.md has the table) go through `Agent.call`; a hando
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import enum
 import tempfile
 import threading
@@ -34,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from nephele.agent import Agent, AgentTransport
-from nephele.errors import NepheleError, NodeUnreachable, PlanError
+from nephele.errors import NepheleError, NodeUnreachable, PlanError, RemoteError
 from nephele.model import Desired, InstanceState, NodeObservation, NodeSpec, Observed
 from nephele.reconcile.actions import BUCKET, BUCKETS, Action, ActionKind, Plan
 from nephele.reconcile.inventory import InventoryStore
@@ -333,9 +334,9 @@ class _Runner:
         ref = inst.uuid if inst else a.name
         match a.kind:
             case ActionKind.IMPORT_IMAGE:
-                return self.copy_in("image", a, progress)
+                return self.copy_in("image", a, o, progress)
             case ActionKind.DISTRIBUTE_SNAPSHOT:
-                return self.copy_in("snapshot", a, progress)
+                return self.copy_in("snapshot", a, o, progress)
             case ActionKind.REMOVE_IMAGE:
                 cid = o.nodes[a.node].images[a.name].content_id
                 self.call(a.node, "image.rm", {"id": cid or a.name})
@@ -390,38 +391,83 @@ class _Runner:
             self.call(a.node, "instance.pause", {"instance": uuid_ or a.name})
         return f"uuid {uuid_}" if uuid_ else "started"
 
-    def copy_in(self, kind: str, a: Action, progress: EventFn) -> str:
-        """Bring an image or snapshot to a.node: exported from a.source_node, or from the manifest's
-        source file, copied through the controller, imported (content id checked by the node)."""
-        spec = self.d.nodes[a.node]
-        tag = uuid.uuid4().hex[:8]
-        remote = f"{spec.root}/tmp/nephele-{kind}-{a.name}-{tag}.zip"
-        dest = self.transports(a.node)
+    def copy_in(self, kind: str, a: Action, o: Observed, progress: EventFn) -> str:
+        """Bring an image or snapshot to a.node: from a.source_node (below), or uploaded from the
+        manifest's source file, then imported (the node checks the content id)."""
         if a.source_node:
-            src_spec = self.d.nodes[a.source_node]
-            src_remote = f"{src_spec.root}/tmp/nephele-{kind}-{a.name}-{tag}.zip"
-            # image.export names its object "id", snapshot.export "name": both given, each reads its own.
-            what = {"id": a.name, "name": a.name, "dest": src_remote}
-            self.call(a.source_node, f"{kind}.export", what, progress)
-            with tempfile.TemporaryDirectory(prefix="nephele-copy-") as tmp:
-                local = Path(tmp) / f"{a.name}.zip"
-                progress(f"copying from {a.source_node} through the controller")
-                self.transports(a.source_node).get_file(src_remote, local)
-                dest.put_file(local, remote)
-            origin = f"from {a.source_node}"
-        else:
-            if not a.source:
-                raise ActionFailed(f"{a.address} has no source file and no node to copy it from")
-            local = Path(a.source)
-            if not local.is_absolute():
-                local = self.base_dir / local
-            if not local.is_file():
-                raise ActionFailed(f"{a.address}: source file {local} does not exist")
-            progress(f"uploading {local.name}")
-            dest.put_file(local, remote)
-            origin = f"from {a.source}"
-        self.call(a.node, f"{kind}.import", {"path": remote, "name": a.name}, progress)
-        return origin
+            return self.copy_from_node(kind, a, o, progress)
+        if not a.source:
+            raise ActionFailed(f"{a.address} has no source file and no node to copy it from")
+        local = Path(a.source)
+        if not local.is_absolute():
+            local = self.base_dir / local
+        if not local.is_file():
+            raise ActionFailed(f"{a.address}: source file {local} does not exist")
+        remote = self.tmp_path(a.node, kind, a.name)
+        progress(f"uploading {local.name} ({mib(local.stat().st_size)})")
+        self.transports(a.node).put_file(local, remote)
+        try:
+            self.call(a.node, f"{kind}.import", {"path": remote, "name": a.name}, progress)
+        finally:
+            self.discard(a.node, remote)
+        return f"from {a.source}"
+
+    def tmp_path(self, node: str, kind: str, name: str) -> str:
+        return f"{self.d.nodes[node].root}/tmp/nephele-{kind}-{name}-{uuid.uuid4().hex[:8]}.zip"
+
+    def discard(self, node: str, path: str) -> None:
+        """Remove a copy's file from the node's tmp/ (best effort: a node without the op keeps it)."""
+        with contextlib.suppress(NepheleError):
+            Agent(self.transports(node)).call(
+                "copy.discard", {"path": path}, timeout=self.opts.observe_timeout
+            )
+
+    def copy_from_node(self, kind: str, a: Action, o: Observed, progress: EventFn) -> str:
+        """Export on a.source_node, copy through the controller, import on a.node. An image is
+        encoded against the images a.node already holds (`image.export_delta`, nephele/node/copies.py),
+        so only what it lacks crosses; a node without those ops gets the whole export. A snapshot's
+        export is a delta against its image already (which a.node holds: the plan copies it first)."""
+        assert a.source_node is not None
+        held = sorted({i.content_id for i in o.nodes[a.node].images.values() if i.content_id})
+        modes = ["delta", "whole"] if kind == "image" else ["whole"]
+        for mode in modes:
+            src_remote = self.tmp_path(a.source_node, kind, a.name)
+            if mode == "delta":
+                export, imp = "image.export_delta", "image.import_delta"
+                what: dict[str, Any] = {"id": a.name, "dest": src_remote, "refs": held}
+            else:
+                # image.export names its object "id", snapshot.export "name": both given, each reads its own.
+                export, imp = f"{kind}.export", f"{kind}.import"
+                what = {"id": a.name, "name": a.name, "dest": src_remote}
+            try:
+                res = self.call(a.source_node, export, what, progress)
+            except RemoteError as exc:
+                if exc.kind == "unsupported" and mode != modes[-1]:
+                    progress(f"{a.source_node} has no {export}: copying the whole {kind}")
+                    continue
+                raise
+            remote = self.tmp_path(a.node, kind, a.name)
+            try:
+                sent = int(res.get("file_bytes", 0)) if isinstance(res, dict) else 0
+                progress(f"copying {mib(sent) if sent else 'it'} from {a.source_node} through the controller")
+                with tempfile.TemporaryDirectory(prefix="nephele-copy-") as tmp:
+                    local = Path(tmp) / f"{a.name}.zip"
+                    self.transports(a.source_node).get_file(src_remote, local)
+                    sent = local.stat().st_size
+                    self.transports(a.node).put_file(local, remote)
+            finally:
+                self.discard(a.source_node, src_remote)
+            try:
+                self.call(a.node, imp, {"path": remote, "name": a.name}, progress)
+            except RemoteError as exc:
+                if exc.kind == "unsupported" and mode != modes[-1]:
+                    progress(f"{a.node} has no {imp}: copying the whole {kind}")
+                    continue
+                raise
+            finally:
+                self.discard(a.node, remote)
+            return f"from {a.source_node}, {copy_note(mode, sent, res)}"
+        raise ActionFailed(f"{a.address}: no way to copy it from {a.source_node}")  # pragma: no cover
 
     def handoff(self, a: Action, o: Observed, progress: EventFn) -> str:
         if not a.source_node:
@@ -443,6 +489,22 @@ class _Runner:
 
 
 # ---------------------------------------------------------------------------------------- executor
+
+
+def mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def copy_note(mode: str, sent: int, res: Any) -> str:
+    """`3.1 MiB sent (delta against 1 image it holds; whole: 45.2 MiB)` or `45.2 MiB sent`."""
+    if mode != "delta" or not isinstance(res, dict):
+        return f"{mib(sent)} sent"
+    refs = len(res.get("refs") or [])
+    against = (
+        f"against {refs} image{'s' if refs != 1 else ''} it holds" if refs else "it holds no related image"
+    )
+    whole = res.get("whole_bytes")
+    return f"{mib(sent)} sent (delta, {against}" + (f"; files: {mib(int(whole))})" if whole else ")")
 
 
 def short_name(a: Action) -> str:

@@ -27,6 +27,7 @@ from nephele.errors import NepheleError, NodeUnreachable, RemoteError
 CID = "ab" * 32
 MUTATING = {
     "image.import",
+    "image.import_delta",
     "image.rm",
     "snapshot.import",
     "snapshot.rm",
@@ -80,6 +81,7 @@ class FakeCloudlet:
         self.made: list[str] = []
         self.handoff_done: dict[str, threading.Event] = {}
         self.handoff_dest: dict[str, str] = {}
+        self.old_nodes: set[str] = set()  # nodes without the delta copy ops (an older nephele)
 
     # ---------------------------------------------------------------------------------- helpers
 
@@ -211,10 +213,19 @@ class FakeCloudlet:
                         for i in n.instances.values()
                     },
                 }
-            case "image.import" | "snapshot.import":
+            case "image.export_delta" | "image.import_delta" | "copy.discard" if n.name in self.old_nodes:
+                raise RemoteError("unsupported", f"unknown op {op!r}")
+            case "copy.discard":
+                n.files.discard(args["path"])
+                return {"path": args["path"], "removed": True}
+            case "image.export_delta":
+                n.files.add(args["dest"])
+                shared = sorted(set(args["refs"]) & set(n.images.values()))
+                return {"file": args["dest"], "file_bytes": 11, "whole_bytes": 1000, "refs": shared}
+            case "image.import" | "snapshot.import" | "image.import_delta":
                 if args["path"] not in n.files:
                     raise RemoteError("invalid_input", f"{args['path']}: no such file")
-                if op == "image.import":
+                if op in ("image.import", "image.import_delta"):
                     n.images[args["name"]] = CID
                 else:
                     n.snapshots[args["name"]] = "tiny"

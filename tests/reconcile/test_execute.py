@@ -521,3 +521,67 @@ def test_default_handoff_speaks_the_handoff_protocol(tmp_path: Path) -> None:
     assert any(x.endswith("… iteration 1  1.0 MiB over the wire  20.0 Mbit/s  ETA 1 s") for x in lines)
     done = [x for x in lines if x.startswith("vm-a:") and "done in" in x]
     assert done and "downtime 0.05 s" in done[0] and "stats /var/nephele/logs/" in done[0]
+
+
+NODE_COPY = """\
+apiVersion: nephele.dev/v1
+kind: Cloudlet
+metadata: {name: demo}
+nodes:
+  edge-a: {address: 10.0.0.1}
+  edge-b: {address: 10.0.0.2}
+images:
+  tiny: {}
+snapshots:
+  web: {image: tiny}
+instances:
+  web-2: {snapshot: web, node: edge-b}
+policy: {prune: true}
+"""
+
+
+def node_copy(tmp: Path) -> tuple[Desired, FakeCloudlet]:
+    path = tmp / "cloudlet.yaml"
+    path.write_text(NODE_COPY)
+    fc = FakeCloudlet("edge-a", "edge-b")
+    fc.add_image("edge-a")
+    fc.add_snapshot("edge-a")
+    for n in ("edge-a", "edge-b"):
+        fc.nodes[n].images["tiny-old"] = "cd" * 32  # a sibling both hold
+    fc.nodes["edge-b"].images["other"] = "ef" * 32  # only the receiver holds it
+    return manifest.load(path), fc
+
+
+def test_an_image_copied_between_nodes_goes_as_a_delta_against_what_the_receiver_holds(
+    tmp_path: Path,
+) -> None:
+    d, fc = node_copy(tmp_path)
+    result, lines = run(d, fc, make_plan(d, fc), tmp_path)
+    assert result.ok, lines
+    [(node, args)] = [(n, a) for n, op, a, _, _ in fc.calls if op == "image.export_delta"]
+    assert node == "edge-a" and args["refs"] == ["cd" * 32, "ef" * 32]  # every image edge-b holds
+    assert [(n, op) for n, op in fc.mutations() if op.startswith("image.")] == [
+        ("edge-b", "image.import_delta")
+    ]
+    assert not [op for _, op, _, _, _ in fc.calls if op == "image.export"]
+    line = next(x for x in lines if x.startswith("image/tiny:") and "done in" in x)
+    assert "from edge-a, 0.0 MiB sent (delta, against 1 image it holds; files: 0.0 MiB)" in line
+    # The snapshot's export is already a delta against its image: copied as it is.
+    assert ("edge-b", "snapshot.import") in fc.mutations()
+    # Every file the copies made in the nodes' tmp/ was discarded afterwards.
+    assert fc.nodes["edge-a"].files == set() and fc.nodes["edge-b"].files == set()
+    assert [n for n, _ in fc.find("web-2")] == ["edge-b"]
+
+
+@pytest.mark.parametrize("old", ["edge-a", "edge-b"])
+def test_a_node_without_the_delta_ops_gets_the_whole_image(tmp_path: Path, old: str) -> None:
+    d, fc = node_copy(tmp_path)
+    fc.old_nodes = {old}
+    result, lines = run(d, fc, make_plan(d, fc), tmp_path)
+    assert result.ok, lines
+    assert ("edge-b", "image.import") in fc.mutations()
+    assert (
+        f"{old} has no image.{'export' if old == 'edge-a' else 'import'}_delta: copying the whole image"
+        in ("\n".join(lines))
+    )
+    assert "tiny" in fc.nodes["edge-b"].images
