@@ -260,15 +260,16 @@ class HandoffListener:
                 self._refuse(conn, f"{peer}: bad hello")
                 return None
             encrypt = bool(flags & FLAG_ENCRYPT)
-            status = OK if encrypt == self.encrypt else MISMATCH
-            conn.sendall(status + _mac(self._token, b"accept" + status, tr))
-            if status == MISMATCH:
-                self._refuse(
-                    conn,
+            if encrypt != self.encrypt:  # authenticated, so it may learn why (recorded before it does)
+                self.refused.append(
                     f"{peer}: encryption mismatch: the source asked for an {_setting(encrypt)} "
-                    f"{CHANNEL_NAMES[channel]} channel, this handoff is {_setting(self.encrypt)}",
+                    f"{CHANNEL_NAMES[channel]} channel, this handoff is {_setting(self.encrypt)}"
                 )
+                with contextlib.suppress(OSError):
+                    conn.sendall(MISMATCH + _mac(self._token, b"accept" + MISMATCH, tr))
+                conn.close()
                 return None
+            conn.sendall(OK + _mac(self._token, b"accept" + OK, tr))
             conn.settimeout(None)
             tune(conn)
             if not encrypt:
@@ -327,6 +328,10 @@ CLOSE_LOCK_WAIT = 2.0  # shutdown()/close() send the CLOSE record only if a send
 CLOSE_SEND_WAIT = 5.0  # ... and only if the peer takes it by then (never hang an abort)
 
 
+# cryptography >= 46 seals straight into the record buffer (one copy less per record); older ones copy
+_ENCRYPT_INTO = hasattr(AESGCM, "encrypt_into")
+
+
 def _nonce(seq: int) -> bytes:
     return b"\0\0\0\0" + seq.to_bytes(8, "big")
 
@@ -376,10 +381,14 @@ class SealedSocket(socket.socket):
     # -- sending -------------------------------------------------------------------------------------
     def _seal(self, rtype: int, data: memoryview) -> bytearray:
         n = len(data) + TAG_LEN
-        rec = bytearray(_REC.size + n)
         head = _REC.pack(rtype, self._seq_tx, n)
-        rec[: _REC.size] = head
-        self._aead_tx.encrypt_into(_nonce(self._seq_tx), data, head, memoryview(rec)[_REC.size :])
+        if _ENCRYPT_INTO:
+            rec = bytearray(_REC.size + n)
+            rec[: _REC.size] = head
+            self._aead_tx.encrypt_into(_nonce(self._seq_tx), data, head, memoryview(rec)[_REC.size :])
+        else:
+            rec = bytearray(head)
+            rec += self._aead_tx.encrypt(_nonce(self._seq_tx), data, head)
         self._seq_tx += 1
         return rec
 

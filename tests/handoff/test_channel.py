@@ -570,3 +570,21 @@ def test_calls_that_would_bypass_the_records_are_refused(port: Port) -> None:
     assert server.recv(10) == b"x"
     assert server.recv(10) == b""
     server.close()
+
+
+def test_records_are_the_same_without_encrypt_into(port: Port, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Older cryptography releases lack AESGCM.encrypt_into; the fallback must make the same records."""
+    client, server = port.pair()
+    assert isinstance(client, ch.SealedSocket)
+    monkeypatch.setattr(ch, "_ENCRYPT_INTO", False)
+    slow = bytes(client._seal(ch.REC_DATA, memoryview(b"x" * 1000)))
+    client._seq_tx -= 1
+    monkeypatch.setattr(ch, "_ENCRYPT_INTO", True)
+    fast = bytes(client._seal(ch.REC_DATA, memoryview(b"x" * 1000)))
+    assert slow == fast
+    client._seq_tx -= 1
+    monkeypatch.setattr(ch, "_ENCRYPT_INTO", False)
+    client.sendall(b"y" * 200_000)
+    assert ch.recv_exact(server, 200_000) == b"y" * 200_000
+    client.close()
+    server.close()
