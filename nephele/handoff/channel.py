@@ -361,6 +361,10 @@ class SealedSocket(socket.socket):
     _failure: ChannelIntegrityError | None
     wire_in: int
     wire_out: int
+    # A rate limit on what this channel puts on the link: called with each record's size (header and tag
+    # included) before it is sent, e.g. a token bucket's take. Set it instead of wrapping this socket in
+    # another socket class: such a wrap detaches the descriptor, which would leave the records behind.
+    pace: Callable[[int], None] | None
 
     @classmethod
     def wrap(cls, sock: socket.socket, *, send_key: bytes, recv_key: bytes) -> SealedSocket:
@@ -376,6 +380,7 @@ class SealedSocket(socket.socket):
         self._eof = self._close_sent = self._shut_rd = False
         self._failure = None
         self.wire_in = self.wire_out = 0
+        self.pace = None
         return self
 
     # -- sending -------------------------------------------------------------------------------------
@@ -401,6 +406,8 @@ class SealedSocket(socket.socket):
                 raise BrokenPipeError(errno.EPIPE, "the encrypted channel was closed for sending")
             for off in range(0, len(mv), MAX_RECORD):
                 rec = self._seal(REC_DATA, mv[off : off + MAX_RECORD])
+                if self.pace is not None:
+                    self.pace(len(rec))
                 super().sendall(rec)
                 self.wire_out += len(rec)
 
@@ -537,6 +544,13 @@ class SealedSocket(socket.socket):
         return self._pos < len(self._plain) or bool(self._raw) or self._eof or self._failure is not None
 
     # -- everything that would go around the records -------------------------------------------------
+    def detach(self) -> int:
+        raise OSError(
+            errno.EOPNOTSUPP,
+            "an encrypted handoff channel cannot be detached (a socket made from its descriptor would send "
+            "plaintext into the records); to limit its rate, set its .pace",
+        )
+
     def _bypass(self, *_a: Any, **_k: Any) -> NoReturn:
         raise OSError(errno.EOPNOTSUPP, "not available on an encrypted handoff channel")
 

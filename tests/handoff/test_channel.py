@@ -588,3 +588,19 @@ def test_records_are_the_same_without_encrypt_into(port: Port, monkeypatch: pyte
     assert ch.recv_exact(server, 200_000) == b"y" * 200_000
     client.close()
     server.close()
+
+
+def test_pace_sees_every_record_on_the_wire_and_detach_is_refused(port: Port) -> None:
+    """The bandwidth cap hook: what crosses the link, record by record; a wrap by detaching is refused."""
+    client, server = port.pair()
+    assert isinstance(client, ch.SealedSocket)
+    paced: list[int] = []
+    client.pace = paced.append
+    with pytest.raises(OSError, match=r"cannot be detached.*set its \.pace"):
+        client.detach()
+    data = os.urandom(3 * ch.MAX_RECORD + 10)
+    threading.Thread(target=send_and_end, args=(client, data)).start()
+    assert read_all(server) == data
+    assert len(paced) == 4 and sum(paced) == client.wire_out - (13 + ch.TAG_LEN)  # the close is not paced
+    client.close()
+    server.close()
