@@ -12,11 +12,14 @@ renamed. On any error every temporary file is removed and nothing appears at the
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
+import itertools
 import json
 import os
 import tempfile
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,7 +34,15 @@ import zstandard
 
 from nephele.delta import _kernels as K
 from nephele.delta import wire as W
-from nephele.delta.index import BLOCK, BlockIndex, RefReader, image_digest, nblocks_of, zero_hash
+from nephele.delta.index import (
+    BLOCK,
+    BlockIndex,
+    RefReader,
+    image_digest,
+    nblocks_of,
+    read_full,
+    zero_hash,
+)
 from nephele.delta.stats import StreamStats
 from nephele.errors import DeltaError, NepheleError, StreamCorrupt, StreamTruncated, VerificationFailed
 
@@ -69,14 +80,75 @@ def _as_sink(spec: SinkSpec) -> Sink:
     raise DeltaError(f"not a sink: {spec!r}")
 
 
+# Per-block state of a target being rebuilt: what the receiver holds at each block right now.
+UNTOUCHED = 0  # the initial content (the base block, or zeros); in the file once its window is copied
+DATA = 1  # written by the stream, in the file
+ZEROED = 2  # set to zeros by the stream (a hole unless the block had been written before)
+
+# copy_file_range refusals that mean "copy it yourself" (other filesystem, old kernel, unsupported)
+_COPY_ERRNOS = frozenset({errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL})
+MAX_COPY_JOBS = 8  # base copies queued for the copier thread before the decoder waits for the oldest
+
+
 def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
     """[start, stop) of every run of True in a bool array."""
     edges = np.flatnonzero(np.diff(np.concatenate(([False], mask, [False])).astype(np.int8)))
     return list(zip(edges[0::2].tolist(), edges[1::2].tolist(), strict=True))
 
 
+def _block_runs(blocks: np.ndarray) -> list[tuple[int, int]]:
+    """[start, stop) index ranges of runs of consecutive block numbers in an ascending array."""
+    if blocks.size == 0:
+        return []
+    cut = np.flatnonzero(np.diff(blocks) != 1) + 1
+    edges = [0, *cut.tolist(), int(blocks.size)]
+    return list(itertools.pairwise(edges))
+
+
+def _write_all(fd: int, mv: memoryview, off: int) -> None:
+    while len(mv):
+        k = os.pwrite(fd, mv, off)
+        mv = mv[k:]
+        off += k
+
+
+def copy_range(src: int, dst: int, off: int, end: int, *, kernel: bool = True, src_name: object = "") -> bool:
+    """Copy bytes [off, end) of src to the same offsets of dst: by the kernel (copy_file_range: no pass
+    through this process, a reflink where the filesystem can), else through a buffer when the kernel or
+    filesystem refuses (another filesystem, an old kernel, not Linux) or kernel=False. Returns whether
+    the kernel copy may be tried again."""
+    cfr = getattr(os, "copy_file_range", None) if kernel else None
+    while off < end and cfr is not None:
+        try:
+            k = cfr(src, dst, end - off, off, off)
+        except OSError as exc:
+            if exc.errno not in _COPY_ERRNOS:
+                raise
+            cfr = None
+            break
+        if k <= 0:
+            raise DeltaError(f"base image {src_name} shrank while in use")
+        off += k
+    buf = bytearray(min(end - off, 1 << 20)) if off < end else bytearray()
+    while off < end:
+        mv = memoryview(buf)[: min(len(buf), end - off)]
+        k = os.preadv(src, [mv], off)
+        if k <= 0:
+            raise DeltaError(f"base image {src_name} shrank while in use")
+        _write_all(dst, mv[:k], off)
+        off += k
+    return cfr is not None
+
+
 class _Image:
-    """A target image being rebuilt in a temporary file."""
+    """A target image being rebuilt in a temporary file.
+
+    Blocks the stream sends are written straight to the file (zero blocks not at all: they stay holes);
+    ``state`` records per block what the file should hold. The blocks left UNTOUCHED hold the base image's
+    content, which is copied file to file by a copier thread (copy_file_range) once the stream has moved
+    past their 16 MiB window; zero base blocks stay holes. Blocks sent behind that point (a later pre-copy
+    round) first wait for the copies, so a copy never overwrites what the stream wrote.
+    """
 
     def __init__(
         self,
@@ -86,6 +158,7 @@ class _Image:
         base: RefReader | None,
         base_hashes: np.ndarray | None,
         sha256: bool,
+        durable: bool,
     ) -> None:
         self.final = sink.path
         self.size = size
@@ -104,168 +177,123 @@ class _Image:
         self.fd = fd
         self.tmp = Path(tmp)
         os.ftruncate(fd, self.nblocks * BLOCK)
-        self.W = max(1, min(WINDOW_BLOCKS, self.nblocks))
-        self.wstart = 0
-        self.win: np.ndarray | None = None
-        self._spare: np.ndarray | None = None
-        self.dirty = np.zeros(self.W, np.bool_)  # window rows written by the stream
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="nephele-delta-write")
-        self._pending: Future[None] | None = None
-        # the window the writer thread is writing: (first block, blocks, buffer, dirty rows)
-        self._inflight: tuple[int, int, np.ndarray, np.ndarray] | None = None
-        # SHA-256 of the whole image, when the stream carries one: computed by the writer thread while the
-        # windows go out in order; a write behind the window (a later pre-copy round) means reading back.
+        # A scratch file (callback-only sink) is deleted at the end: making it durable would be wasted.
+        self.durable = durable and sink.path is not None
+        self.state = np.zeros(self.nblocks, np.uint8)
+        self.W = max(1, WINDOW_BLOCKS)
+        self.wstart = 0  # blocks below have been handed to the copier
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="nephele-delta-copy")
+        self._jobs: deque[Future[None]] = deque()
+        # SHA-256 of the whole image, when the stream carries one: computed by the copier as the windows
+        # complete in order; a write behind the window (a later pre-copy round) means reading back.
         self._sha = hashlib.sha256() if sha256 else None
         self._in_order = True
-        self.durable = True
+        self._zeros: np.ndarray | None = None
+        self._kernel_copy = True  # copy_file_range works here (until it says otherwise)
 
-    # The window covers blocks wstart .. wstart+W: rows the stream wrote are in the buffer (dirty), the
-    # others still hold their initial content (base or zero), which is copied file to file when the window
-    # is flushed: the kernel's copy_file_range, no pass through this process. Everything before wstart is
-    # in the file.
-    def _buffer(self) -> np.ndarray:
-        if self.win is None:
-            self.win = np.empty((self.W, BLOCK), np.uint8)
-        return self.win
+    # -- the copier ----------------------------------------------------------------------------------
+    def advance(self, block: int) -> None:
+        """The stream has reached `block`: hand every whole window below its window to the copier."""
+        stop = min(self.nblocks, block // self.W * self.W)
+        if stop > self.wstart:
+            self._submit(self.wstart, stop)
 
-    def _flush(self) -> None:
-        """Hand the window to the writer thread and move on with the spare buffer."""
-        cnt = min(self.W, self.nblocks - self.wstart)
-        if cnt > 0:
-            win = self._buffer()
-            self._wait()  # the spare buffer's write must be done before it is reused
-            dirty = self.dirty[:cnt].copy()
-            self._pending = self._pool.submit(self._write_window, win, dirty, self.wstart, cnt)
-            self._inflight = (self.wstart, cnt, win, dirty)
-            self.win, self._spare = self._spare, win
-        self.dirty[:] = False
-        self.wstart += self.W
+    def _submit(self, first: int, stop: int) -> None:
+        k = max(0, min(stop, self.base_n) - first)
+        copy: list[tuple[int, int]] = []
+        if k and self.base is not None:  # which rows still need the base: decided now, on this thread
+            clean = (self.state[first : first + k] == UNTOUCHED) & self.base_data[first : first + k]
+            copy = [(first + a, first + b) for a, b in _runs(clean)]
+        self.wstart = stop
+        if not copy and self._sha is None:
+            return
+        self._jobs.append(self._pool.submit(self._copy_job, first, stop, copy))
+        while len(self._jobs) > MAX_COPY_JOBS:
+            self._jobs.popleft().result()
 
-    def _write_window(self, win: np.ndarray, dirty: np.ndarray, wstart: int, cnt: int) -> None:
-        if dirty.any():
-            nz = np.zeros(cnt, np.bool_)
-            rows = np.flatnonzero(dirty)
-            nzd = np.empty(rows.size, np.bool_)
-            K.nonzero_rows(np.ascontiguousarray(win[rows]).view(np.uint64), nzd)
-            nz[rows] = nzd
-            for a, b in _runs(nz):  # zero blocks stay holes
-                self._pwrite(win[a:b], wstart + a)
-        k = max(0, min(cnt, self.base_n - wstart))
-        if k and self.base is not None:
-            clean = ~dirty[:k] & self.base_data[wstart : wstart + k]
-            for a, b in _runs(clean):
-                self._copy_base(wstart + a, wstart + b)
+    def _copy_job(self, first: int, stop: int, copy: list[tuple[int, int]]) -> None:
+        assert self.base is not None or not copy
+        for a, b in copy:
+            assert self.base is not None
+            end = min(b * BLOCK, self.base.size)
+            self._kernel_copy = copy_range(
+                self.base.fd, self.fd, a * BLOCK, end, kernel=self._kernel_copy, src_name=self.base.path
+            )
         if self._sha is not None:  # hash what is now in the file, in order
-            n = self._tail_bytes(wstart, cnt)
-            got = os.preadv(self.fd, [win.data.cast("B")[:n]], wstart * BLOCK)
-            if got != n:
-                raise DeltaError(f"short read back of the rebuilt image at block {wstart}")
-            self._sha.update(win.data.cast("B")[:n])
-        if self.durable:
-            os.fdatasync(self.fd)  # start the disk writes now rather than all in close()
-
-    def _copy_base(self, first: int, stop: int) -> None:
-        assert self.base is not None
-        off = first * BLOCK
-        end = min(stop * BLOCK, self.base.size)
-        while off < end:
-            k = os.copy_file_range(self.base.fd, self.fd, end - off, off, off)
-            if k <= 0:
-                raise DeltaError(f"base image {self.base.path} shrank while in use")
-            off += k
-
-    def _tail_bytes(self, wstart: int, cnt: int) -> int:
-        return min(cnt * BLOCK, self.size - wstart * BLOCK)
+            buf = bytearray(min(stop - first, 2048) * BLOCK)
+            off, end = first * BLOCK, min(stop * BLOCK, self.size)
+            while off < end:
+                mv = memoryview(buf)[: min(len(buf), end - off)]
+                if read_full(self.fd, mv, off) != len(mv):
+                    raise DeltaError(f"short read back of the rebuilt image at byte {off}")
+                self._sha.update(mv)
+                off += len(mv)
 
     def _wait(self) -> None:
-        if self._pending is not None:
-            fut, self._pending = self._pending, None
-            self._inflight = None
-            fut.result()
+        while self._jobs:
+            self._jobs.popleft().result()
 
-    def _pwrite(self, rows: np.ndarray, block: int) -> None:
-        mv = np.ascontiguousarray(rows).data.cast("B")
-        off = block * BLOCK
-        while len(mv):
-            k = os.pwrite(self.fd, mv, off)
-            mv = mv[k:]
-            off += k
-
-    def write(self, blocks: np.ndarray, rows: np.ndarray) -> None:
-        behind = blocks < self.wstart
-        if behind.any():
+    def _behind(self, blocks: np.ndarray) -> None:
+        """Before writing blocks below the copier's mark: let its copies finish (they could overwrite)."""
+        if blocks.size and int(blocks.min()) < self.wstart:
             self._wait()
             self._in_order = False
-        for i in np.flatnonzero(behind):
-            self._pwrite(rows[i : i + 1], int(blocks[i]))
-        ahead = np.flatnonzero(~behind)
-        if ahead.size == 0:
-            return
-        order = np.argsort(blocks[ahead], kind="stable")
-        idx = ahead[order]
-        b = blocks[idx]
-        while idx.size:
-            while int(b[0]) >= self.wstart + self.W:
-                self._flush()
-            cut = int(np.searchsorted(b, self.wstart + self.W))
-            pos = b[:cut] - self.wstart
-            self._buffer()[pos] = rows[idx[:cut]]
-            self.dirty[pos] = True
-            idx, b = idx[cut:], b[cut:]
 
-    def _initial(self, blocks: np.ndarray, out: np.ndarray) -> None:
-        """out[i] = what block blocks[i] held before the stream wrote it: the base's block, or zeros."""
-        out[:] = 0
-        has = np.flatnonzero(blocks < self.base_n)
-        if has.size and self.base is not None:
-            out[has] = self.base.gather(blocks[has])
+    # -- writing -------------------------------------------------------------------------------------
+    def write(self, blocks: np.ndarray, rows: np.ndarray) -> None:
+        """Write rows (uint8[n, 4096], C-contiguous) at blocks (ascending, distinct)."""
+        self._behind(blocks)
+        for a, b in _block_runs(blocks):
+            _write_all(self.fd, rows[a:b].data.cast("B"), int(blocks[a]) * BLOCK)
+        self.state[blocks] = DATA
 
+    def zero(self, blocks: np.ndarray) -> None:
+        """Set blocks (ascending, distinct) to zeros: nothing to write where the file still has a hole."""
+        s = self.state[blocks]
+        base_there = (blocks < self.wstart) & (s == UNTOUCHED) & (blocks < self.base_n)
+        if base_there.any():
+            base_there[base_there] = self.base_data[blocks[base_there]]
+        need = blocks[(s == DATA) | base_there]
+        if need.size:
+            self._behind(need)
+            if self._zeros is None:
+                self._zeros = np.zeros((256, BLOCK), np.uint8)
+            for a, b in _block_runs(need):
+                for c in range(a, b, 256):
+                    n = min(256, b - c)
+                    _write_all(self.fd, self._zeros[:n].data.cast("B"), int(need[c]) * BLOCK)
+        self.state[blocks] = ZEROED
+
+    # -- reading -------------------------------------------------------------------------------------
     def read(self, blocks: np.ndarray) -> np.ndarray:
         """The current content of some blocks (for STREAM copies and for callbacks)."""
         out = np.empty((blocks.shape[0], BLOCK), np.uint8)
-        todo = np.ones(blocks.shape[0], np.bool_)
-        # The window being written still has its buffer: no need to wait for the writer.
-        for first, cnt, buf, dirty in (
-            (self.wstart, self.W, self.win, self.dirty),
-            self._inflight or (0, 0, None, None),
-        ):
-            if cnt == 0 or dirty is None:
-                continue
-            inside = todo & (blocks >= first) & (blocks < first + cnt)
-            if not inside.any():
-                continue
-            sel = np.flatnonzero(inside)
-            rel = blocks[sel] - first
-            wrote = dirty[rel]
-            if wrote.any():
-                assert buf is not None
-                out[sel[wrote]] = buf[rel[wrote]]
-            if not wrote.all():
-                tmp = np.empty((int((~wrote).sum()), BLOCK), np.uint8)
-                self._initial(blocks[sel[~wrote]], tmp)
-                out[sel[~wrote]] = tmp
-            todo[sel] = False
-        # Before the window in flight: written by writer tasks that have completed (one in flight at most).
-        behind = todo & (blocks < self.wstart)
-        for i in np.flatnonzero(behind):
-            mv = out[i].data.cast("B")
-            got = os.preadv(self.fd, [mv], int(blocks[i]) * BLOCK)
-            if got != BLOCK:
-                mv[got:] = bytes(BLOCK - got)
-        beyond = np.flatnonzero(todo & ~behind)  # never written: the initial content
-        if beyond.size:
-            tmp = np.empty((beyond.size, BLOCK), np.uint8)
-            self._initial(blocks[beyond], tmp)
-            out[beyond] = tmp
+        s = self.state[blocks]
+        data = np.flatnonzero(s == DATA)
+        if data.size:  # in the file (written synchronously)
+            order = data[np.argsort(blocks[data], kind="stable")]
+            bs = blocks[order]
+            tmp = np.empty((order.size, BLOCK), np.uint8)
+            for a, b in _block_runs(bs):
+                if read_full(self.fd, tmp[a:b].data.cast("B"), int(bs[a]) * BLOCK) != (b - a) * BLOCK:
+                    raise DeltaError(f"short read of the rebuilt image at block {int(bs[a])}")
+            out[order] = tmp
+        out[s == ZEROED] = 0
+        init = np.flatnonzero(s == UNTOUCHED)
+        if init.size:
+            out[init] = 0
+            has = init[blocks[init] < self.base_n]
+            if has.size and self.base is not None:
+                out[has] = self.base.gather(blocks[has])
         return out
 
+    # -- the end -------------------------------------------------------------------------------------
     def finish(self) -> bytes | None:
-        """Write out everything; returns the image's SHA-256 if the stream carries one."""
-        while self.wstart < self.nblocks:
-            self._flush()
+        """Copy the rest of the base; returns the image's SHA-256 if the stream carries one."""
+        if self.wstart < self.nblocks:
+            self._submit(self.wstart, self.nblocks)
         self._wait()
         self._pool.shutdown()
-        self.win = self._spare = None
         os.ftruncate(self.fd, self.size)
         if self._sha is None:
             return None
@@ -291,6 +319,8 @@ class _Image:
             return
         os.chmod(self.tmp, 0o644)
         os.replace(self.tmp, self.final)
+        if not self.durable:
+            return
         try:
             dfd = os.open(self.final.parent, os.O_RDONLY)
             try:
@@ -301,7 +331,9 @@ class _Image:
             pass
 
     def abort(self) -> None:
-        with contextlib.suppress(Exception):  # the stream already failed; this only drains the writer
+        for f in self._jobs:
+            f.cancel()
+        with contextlib.suppress(Exception):  # the stream already failed; this only drains the copier
             self._wait()
         self._pool.shutdown()
         if self.fd >= 0:
@@ -486,12 +518,12 @@ class Decoder:
             self.stats.wire_bytes += total
             self.stats.frames += 1
 
-    def _decompress(self, codec: int, stored: bytes, rlen: int) -> bytes:
+    def _decompress(self, codec: int, stored: bytes, rlen: int) -> bytes | bytearray:
         try:
             if codec == W.NONE:
                 raw = stored
             elif codec == W.LZ4:
-                raw = lz4.block.decompress(stored, uncompressed_size=rlen)
+                raw = lz4.block.decompress(stored, uncompressed_size=rlen, return_bytearray=True)
             else:
                 raw = self._zd.decompress(stored, max_output_size=rlen)
         except (lz4.block.LZ4BlockError, zstandard.ZstdError, ValueError) as exc:
@@ -500,7 +532,7 @@ class Decoder:
             self._corrupt(f"payload decompressed to {len(raw)} bytes, header says {rlen}")
         return raw
 
-    def _json(self, raw: bytes) -> dict[str, Any]:
+    def _json(self, raw: bytes | bytearray) -> dict[str, Any]:
         if len(raw) > W.MAX_JSON:
             self._corrupt("JSON payload too large")
         try:
@@ -512,7 +544,7 @@ class Decoder:
         return obj
 
     # -- frames ------------------------------------------------------------------------------------
-    def _on_header(self, target: int, raw: bytes) -> None:
+    def _on_header(self, target: int, raw: bytes | bytearray) -> None:
         if self._refs is not None or self._seq != 0:
             self._corrupt("duplicate HEADER frame")
         if target != W.NO_TARGET:
@@ -555,7 +587,7 @@ class Decoder:
                 )
             out.append(_Ref(rid, ix, RefReader(path, ix.size)))
 
-    def _on_target(self, target: int, raw: bytes) -> None:
+    def _on_target(self, target: int, raw: bytes | bytearray) -> None:
         assert self._refs is not None
         info = self._json(raw)
         idx, name, kind, size, base = (info.get(k) for k in ("index", "name", "kind", "size", "base"))
@@ -590,14 +622,13 @@ class Decoder:
             k = min(n, bref.index.nblocks)
             hashes[:k] = bref.index.hashes[:k]
         base_hashes = self._refs[bpos].index.hashes if bpos is not None else None
-        image = _Image(sink, name, size, reader, base_hashes, self._want_sha)
-        image.durable = self.durable
+        image = _Image(sink, name, size, reader, base_hashes, self._want_sha, self.durable)
         self._targets.append(_Target(target, name, kind, size, n, bpos, image, hashes, sink.on_blocks))
         self._names.add(name)
         self.stats.kind(kind)
         self.stats.input_bytes += size
 
-    def _on_blocks(self, target: int, raw: bytes, slen: int) -> None:
+    def _on_blocks(self, target: int, raw: bytes | bytearray, slen: int) -> None:
         assert self._refs is not None
         if target >= len(self._targets):
             self._corrupt(f"BLOCKS frame for unknown target {target}")
@@ -662,41 +693,57 @@ class Decoder:
             if (ablk[strm] >= lim[tt]).any():
                 self._corrupt("reference to a block beyond the end of a target")
 
-        out = np.empty((n, BLOCK), np.uint8)
-        sel = np.flatnonzero(ops == K.BASE)
+        img = st.image
         base_reader = self._refs[st.base].reader if st.base is not None else None
-        if sel.size and base_reader is not None:
-            out[sel] = base_reader.gather(blocks[sel])
-        out[ops == K.ZERO] = 0
-        vpos = np.flatnonzero(isval)
-        out[vpos] = vals
+        # Phase 1: every entry that carries or names its content (BASE, RAW, XOR, REF) becomes one row of
+        # `rows`, in entry order. When the values are all there is, they are used where they lie.
+        isdata = isval | (ops == K.BASE) | (ops == K.REF)
+        row_of = np.cumsum(isdata) - 1
+        dpos = np.flatnonzero(isdata)
         xsel = np.flatnonzero(ops == K.XOR)
+        if dpos.size == nval and (xsel.size == 0 or vals.flags.writeable):
+            rows = vals
+        else:
+            rows = np.empty((dpos.size, BLOCK), np.uint8)
+            if nval:
+                rows[row_of[np.flatnonzero(isval)]] = vals
+            bsel = np.flatnonzero(ops == K.BASE)
+            if bsel.size and base_reader is not None:
+                rows[row_of[bsel]] = base_reader.gather(blocks[bsel])
+            if refm.any():
+                rpos, rr, rb = argpos[refm], aref[refm], ablk[refm]
+                for r in np.unique(rr):
+                    m = rr == r
+                    rows[row_of[rpos[m]]] = self._refs[int(r)].reader.gather(rb[m])
         if xsel.size and base_reader is not None:
-            out[xsel] ^= base_reader.gather(blocks[xsel])
-        if refm.any():
-            rpos, rr, rb = argpos[refm], aref[refm], ablk[refm]
-            for r in np.unique(rr):
-                m = rr == r
-                out[rpos[m]] = self._refs[int(r)].reader.gather(rb[m])
-        phase1 = np.flatnonzero((ops != K.STREAM) & (ops != K.KEEP))
-        if phase1.size:
-            st.image.write(blocks[phase1], out[phase1])
+            xr = row_of[xsel]
+            rows[xr] ^= base_reader.gather(blocks[xsel])
+        if dpos.size:
+            self._apply(st, blocks[dpos], rows)
+        zsel = np.flatnonzero(ops == K.ZERO)
+        if zsel.size:
+            zb = np.sort(blocks[zsel])
+            st.hashes[zb] = zero_hash()
+            img.zero(zb)
+        # Phase 2: STREAM entries copy what the receiver holds now.
+        srows: np.ndarray | None = None
         if strm.any():
             spos, tt, sb = argpos[strm], aref[strm], ablk[strm]
+            srows = np.empty((spos.size, BLOCK), np.uint8)
             for t in np.unique(tt):
                 m = tt == t
-                out[spos[m]] = self._targets[int(t)].image.read(sb[m])
-            st.image.write(blocks[spos], out[spos])
-        keep = np.flatnonzero(ops == K.KEEP)
-        if keep.size and st.on_blocks is not None:
-            out[keep] = st.image.read(blocks[keep])
-        changed = np.flatnonzero(ops != K.KEEP)
-        if changed.size:
-            rows = out if changed.size == n else np.ascontiguousarray(out[changed])
-            h = np.empty((changed.size, 2), np.uint64)
-            K.hash_blocks(rows.view(np.uint64), h)
-            st.hashes[blocks[changed]] = h
+                srows[m] = self._targets[int(t)].image.read(sb[m])
+            self._apply(st, blocks[spos], srows)
+        img.advance(int(blocks.max()))
         if st.on_blocks is not None:
+            out = np.empty((n, BLOCK), np.uint8)
+            out[dpos] = rows
+            out[zsel] = 0
+            if srows is not None:
+                out[argpos[strm]] = srows
+            keep = np.flatnonzero(ops == K.KEEP)
+            if keep.size:
+                out[keep] = img.read(blocks[keep])
             st.on_blocks(blocks, out)
         ks = self.stats.kind(st.kind)
         ks.add_ops(ops)
@@ -705,7 +752,18 @@ class Decoder:
         ks.wire_bytes += slen + W.OVERHEAD
         ks.frames += 1
 
-    def _on_end(self, target: int, raw: bytes) -> None:
+    @staticmethod
+    def _apply(st: _Target, blocks: np.ndarray, rows: np.ndarray) -> None:
+        """Hash rows (the per-block verification list) and write them at blocks."""
+        h = np.empty((rows.shape[0], 2), np.uint64)
+        K.hash_blocks(rows.view(np.uint64), h)
+        st.hashes[blocks] = h
+        if blocks.size > 1 and not bool((np.diff(blocks) > 0).all()):
+            order = np.argsort(blocks, kind="stable")
+            blocks, rows = blocks[order], rows[order]
+        st.image.write(blocks, rows)
+
+    def _on_end(self, target: int, raw: bytes | bytearray) -> None:
         info = self._json(raw)
         entries = info.get("targets")
         if not isinstance(entries, list) or len(entries) != len(self._targets):
@@ -756,10 +814,12 @@ class Decoder:
             missing = sorted(set(self._sinks) - self._names)
             if missing:
                 raise DeltaError(f"the stream carries no target named {', '.join(map(repr, missing))}")
+            t0 = time.perf_counter()  # durability is the disk's cost, not the decoder's: timed apart
             for t in self._targets:
                 t.image.sync()
             for t in self._targets:
                 t.image.publish()
+            self.stats.sync_seconds = time.perf_counter() - t0
             if self._refs is not None:
                 for r in self._refs:
                     r.reader.close()

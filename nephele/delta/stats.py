@@ -54,6 +54,8 @@ class StreamStats:
     frames: int = 0
     input_bytes: int = 0  # size of the target images (encode_files) or bytes put (incremental)
     seconds: float = 0.0
+    # decoder: the part of `seconds` spent making the outputs durable (fsync of files and directory)
+    sync_seconds: float = 0.0
 
     def kind(self, kind: str) -> KindStats:
         return self.kinds.setdefault(kind, KindStats())
@@ -64,6 +66,7 @@ class StreamStats:
             "frames": self.frames,
             "input_bytes": self.input_bytes,
             "seconds": self.seconds,
+            "sync_seconds": self.sync_seconds,
         }
         for name, k in self.kinds.items():
             d = asdict(k)

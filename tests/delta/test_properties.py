@@ -130,9 +130,10 @@ def test_files_round_trip(
         max_size=5,
     ),
     chunk=st.integers(1, 5000),
+    window=st.sampled_from([1, 4, 4096]),
 )
 def test_incremental_later_versions_win(
-    seed: int, nblocks: int, rounds: list[list[tuple[int, str]]], chunk: int
+    seed: int, nblocks: int, rounds: list[list[tuple[int, str]]], chunk: int, window: int
 ) -> None:
     """Pre-copy style: blocks arrive in rounds, in any order, some many times; the receiver ends with the
     last version of each, its callback sees every put block, and the digest matches."""
@@ -163,22 +164,26 @@ def test_incremental_later_versions_win(
         enc.finish()
         got: list[int] = []
         final = d / "m1"
-        dec = Decoder(refs, {"memory": final})
-        stream = out.getvalue()
-        for i in range(0, len(stream), chunk):
-            dec.feed(stream[i : i + chunk])
-        dec.close()
-        assert final.read_bytes() == truth.tobytes()
+        old, decoder.WINDOW_BLOCKS = decoder.WINDOW_BLOCKS, window  # small: rounds rewrite behind it
+        try:
+            dec = Decoder(refs, {"memory": final})
+            stream = out.getvalue()
+            for i in range(0, len(stream), chunk):
+                dec.feed(stream[i : i + chunk])
+            dec.close()
+            assert final.read_bytes() == truth.tobytes()
 
-        cb_img = base.copy()
+            cb_img = base.copy()
 
-        def on_blocks(blocks: np.ndarray, data: np.ndarray) -> None:
-            cb_img[blocks] = data
-            got.extend(np.unique(blocks).tolist())
+            def on_blocks(blocks: np.ndarray, data: np.ndarray) -> None:
+                cb_img[blocks] = data
+                got.extend(np.unique(blocks).tolist())
 
-        dec2 = Decoder(refs, {"memory": on_blocks})
-        dec2.feed(stream)
-        dec2.close()
+            dec2 = Decoder(refs, {"memory": on_blocks})
+            dec2.feed(stream)
+            dec2.close()
+        finally:
+            decoder.WINDOW_BLOCKS = old
         assert cb_img.tobytes() == truth.tobytes()
         assert sorted(got) == sorted(seen)
 
@@ -186,8 +191,8 @@ def test_incremental_later_versions_win(
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**32 - 1), window=st.sampled_from([2, 5, 16]), nblocks=st.integers(20, 120))
 def test_slow_writer_thread(seed: int, window: int, nblocks: int) -> None:
-    """The decoder's writer thread lagging behind (as under load): copies from blocks of a window still
-    being written, and frames spanning windows, must still see the right bytes."""
+    """The decoder's copier thread lagging behind (as under load): copies from blocks of a window whose
+    base copy is still under way, and frames spanning windows, must still see the right bytes."""
     import time
 
     rng = np.random.default_rng(seed)
@@ -198,7 +203,7 @@ def test_slow_writer_thread(seed: int, window: int, nblocks: int) -> None:
     for s, d in zip(src, dst, strict=True):
         if s < d:
             new[d] = new[s]  # copies of blocks sent earlier: STREAM entries reading back
-    old_w, old_write = decoder.WINDOW_BLOCKS, decoder._Image._write_window
+    old_w, old_write = decoder.WINDOW_BLOCKS, decoder._Image._copy_job
 
     def slow(self: decoder._Image, *a: object) -> None:
         time.sleep(0.002)
@@ -210,9 +215,9 @@ def test_slow_writer_thread(seed: int, window: int, nblocks: int) -> None:
         nd = write(d / "n", new)
         buf = io.BytesIO()
         encode_files(refs, [Target("disk", "disk", nd, "b")], buf, batch_blocks=1 + seed % 9)
-        decoder.WINDOW_BLOCKS, decoder._Image._write_window = window, slow  # type: ignore[method-assign]
+        decoder.WINDOW_BLOCKS, decoder._Image._copy_job = window, slow  # type: ignore[method-assign]
         try:
             decode_files(io.BytesIO(buf.getvalue()), refs, {"disk": d / "o"})
         finally:
-            decoder.WINDOW_BLOCKS, decoder._Image._write_window = old_w, old_write  # type: ignore[method-assign]
+            decoder.WINDOW_BLOCKS, decoder._Image._copy_job = old_w, old_write  # type: ignore[method-assign]
         assert (d / "o").read_bytes() == nd.read_bytes()

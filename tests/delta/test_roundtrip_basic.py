@@ -37,7 +37,8 @@ def test_every_class_round_trips(tmp_path: Path, rng: np.random.Generator) -> No
     assert (d.zeros, d.by_ref) == (10, 30)
     assert d.by_value == 12  # 10 new + the edit + the shortened last block
     assert st.kinds["memory"].by_ref == 5
-    assert st.to_dict() == {**st2.to_dict(), "seconds": st.seconds}
+    assert st.to_dict() == {**st2.to_dict(), "seconds": st.seconds, "sync_seconds": 0.0}
+    assert 0 < st2.sync_seconds <= st2.seconds  # the fsync part of the decode, timed apart
     assert "DIRTIED" in st.table()
     assert st.wire_bytes == len(buf.getvalue())
     quick = {"disk": tmp_path / "qd", "memory": tmp_path / "qm"}  # without fsync: same bytes
