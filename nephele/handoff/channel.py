@@ -356,7 +356,7 @@ class SealedSocket(socket.socket):
     _plain: bytes
     _pos: int
     _eof: bool
-    _close_sent: bool
+    _close_sent: bool  # no more records may be sent (the CLOSE went out, or a send broke mid-record)
     _shut_rd: bool
     _failure: ChannelIntegrityError | None
     wire_in: int
@@ -408,7 +408,11 @@ class SealedSocket(socket.socket):
                 rec = self._seal(REC_DATA, mv[off : off + MAX_RECORD])
                 if self.pace is not None:
                     self.pace(len(rec))
-                super().sendall(rec)
+                try:
+                    super().sendall(rec)
+                except BaseException:
+                    self._close_sent = True  # part of a record may be out: nothing may follow it
+                    raise
                 self.wire_out += len(rec)
 
     def send(self, data: ReadableBuffer, flags: int = 0, /) -> int:
