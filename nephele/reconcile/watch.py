@@ -611,24 +611,39 @@ class Watcher:
                 return Outcome("plan_errors", msg, rev.text)
             self.suspension = read_suspension(ctl.directory)
             runnable, held = hold(the_plan, self.suspension)
+            inflight = any(
+                i.handoff_url for o in observed.nodes.values() if o.reachable for i in o.instances.values()
+            )
+            # This manifest's instances a handoff (maybe a killed run's) is moving: the planner leaves
+            # them alone until it ends, so the revision is not applied yet, and the daemon looks again soon.
+            moving = sorted(
+                {
+                    i.name
+                    for o in observed.nodes.values()
+                    if o.reachable
+                    for i in o.instances.values()
+                    if i.handoff_url and i.name in rev.desired.instances
+                }
+            )
             if not runnable.actions:
+                waiting = f"waiting for the handoff of {', '.join(moving)} in flight" if moving else ""
                 self._record(
-                    ctl, rev, ok=True, complete=not held and not the_plan.unknown, message="no changes"
+                    ctl,
+                    rev,
+                    ok=True,
+                    complete=not held and not the_plan.unknown and not moving,
+                    message=waiting or "no changes",
                 )
                 note = f"in sync; {len(held)} action(s) held by suspension" if held else "in sync"
                 if held:
                     self._report_once("suspended", rev, held)
                     return Outcome("suspended", note, rev.text)
+                if moving:
+                    note = waiting
                 if the_plan.unknown:
                     note += f"; {len(the_plan.unknown)} object(s) unknown (node unreachable)"
                 if the_plan.warnings:
                     note += "; " + "; ".join(str(x) for x in the_plan.warnings)
-                inflight = any(
-                    i.handoff_url
-                    for o in observed.nodes.values()
-                    if o.reachable
-                    for i in o.instances.values()
-                )
                 return Outcome("in_sync", note, rev.text, requeue_after=HANDOFF_POLL if inflight else None)
             applied = (record.get("last_applied") or {}).get("sha256")
             drift = applied == rev.sha
@@ -651,7 +666,10 @@ class Watcher:
                         message=a.reason,
                     )
                     self.say(f"Drift: {a.address} on {a.node}: {a.reason}; correcting.")
-            return self._apply(ctl, rev, runnable, observed, inventory, bool(held))
+            out = self._apply(ctl, rev, runnable, observed, inventory, bool(held) or bool(moving))
+            if inflight and out.requeue_after is None:
+                out.requeue_after = HANDOFF_POLL
+            return out
         finally:
             ctl.close()
 

@@ -26,13 +26,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import build_demo_artifacts
+from support import build_demo_artifacts, scripted_pause
 
 from nephele.agent import Agent
 from nephele.agent.nodes import transport_for_node
 from nephele.cli.main import main
 from nephele.cloudlet import Cloudlet, reap_orphans
-from nephele.cloudlet.guest import GuestFiles
+from nephele.cloudlet.guest import GuestFiles, cmdline
 
 pytestmark = pytest.mark.integration
 
@@ -53,11 +53,12 @@ class World:
     def state(self) -> Path:
         return self.dir / ".nephele" / "e2e"
 
-    def write(self, instances: str, prune: bool = False) -> None:
+    def write(self, instances: str, prune: bool = False, images: str = "") -> None:
         self.manifest.write_text(
             "apiVersion: nephele.dev/v1\nkind: Cloudlet\nmetadata: {name: e2e}\n"
             + self.cloudlet.manifest_nodes()
             + "images:\n  tiny: {source: tiny.zip}\n"
+            + images
             + "snapshots:\n  web: {image: tiny, source: web.zip}\n"
             + "instances:\n"
             + (instances or "  {}\n")
@@ -290,6 +291,62 @@ def test_placement_change_is_a_live_handoff(w: World, capsys: Any) -> None:
     doc = json.loads(out)
     assert code == 0 and doc["ready"] is True
     assert {i["name"]: i["actual"]["node"] for i in doc["instances"]}["web-1"] == "edge-b"
+
+
+def test_an_image_a_node_lacks_is_copied_as_a_delta(w: World, guest: GuestFiles, capsys: Any) -> None:
+    """A second build of the guest (a sibling of tiny: same kernel and disk, memory from another boot)
+    exists on edge-a only; the manifest wants it everywhere and gives no source file, so apply copies it
+    edge-a -> edge-b, encoded against tiny, which edge-b holds. Compared with the whole export."""
+    a = w.cloudlet.node("edge-a")
+    inbox = a.host_root / "inbox"
+    inbox.mkdir(parents=True, exist_ok=True)
+    desc = {
+        "disk": str(guest.disk),
+        "kernel": str(guest.kernel),
+        "initrd": str(guest.initrd),
+        "cmdline": cmdline(fill_mib=8, dirty_mib=1, disk_kib=4),
+        "memory_kib": 131072,
+        "name": "tiny-2",
+    }
+    (inbox / "tiny-2.json").write_text(json.dumps(desc))
+    serial = a.host_root / "tmp"
+
+    def booted(dom: Any) -> bool:
+        return any(b"NEPHELE-READY" in p.read_bytes() for p in serial.glob("build-*/serial.log"))
+
+    built = scripted_pause(
+        a,
+        "nephele-build-",
+        lambda: w.agents["edge-a"].call(
+            "image.build", {"path": f"{a.root}/inbox/tiny-2.json", "timeout": 300}
+        ),
+        booted,
+    )
+    whole = w.agents["edge-a"].call("image.export", {"id": built["id"], "dest": f"{a.root}/inbox/whole.zip"})
+    instances = (
+        '  web-1: {snapshot: web, node: edge-b, ports: ["8080:80"]}\n'
+        "  web-2: {snapshot: web, node: edge-b, state: stopped}\n"
+    )
+    w.write(instances, prune=True, images="  tiny-2: {}\n")
+    code, out, err = nephele(capsys, "apply", "-f", str(w.manifest), "--auto-approve", "-o", "json")
+    assert code == 0, out + err
+    [act] = [x for x in json.loads(out)["result"]["actions"] if x["id"] == "import_image:image/tiny-2@edge-b"]
+    assert act["status"] == "done" and "delta, against 1 image it holds" in act["detail"], act
+    sent_mib = float(act["detail"].split(", ")[1].split(" MiB sent")[0])
+    copied = w.agents["edge-b"].call("observe")["images"]["tiny-2"]
+    assert copied["content_id"] == built["content_id"]  # every file byte for byte (sha256 per file)
+    snap = w.agents["edge-a"].call("snapshot.export", {"name": "web", "dest": f"{a.root}/inbox/web.zip"})
+    whole_mib = whole["file_bytes"] / 2**20
+    files_mib = (built["disk_bytes"] + built["memory_bytes"]) / 2**20
+    print(
+        f"image copy edge-a -> edge-b: {sent_mib:.1f} MiB sent as a delta against tiny, whole export "
+        f"{whole_mib:.1f} MiB, files {files_mib:.1f} MiB; snapshot web export (a delta against tiny "
+        f"already) {snap['file_bytes'] / 2**20:.1f} MiB"
+    )
+    assert sent_mib * 2 < whole_mib, (sent_mib, whole_mib)
+    # The copy's files are gone from both nodes' tmp/.
+    for n in ("edge-a", "edge-b"):
+        assert not list((w.cloudlet.node(n).host_root / "tmp").glob("nephele-image-*")), n
 
 
 def test_bad_manifest_touches_no_node(w: World, capsys: Any) -> None:

@@ -365,3 +365,188 @@ def test_the_cli_daemon_follows_a_fix_and_stops_cleanly_on_sigterm(w: World) -> 
     assert new[-1]["event"] == "daemon" and new[-1]["result"] == "stop"
     assert [(n, i["state"]) for n, i in w.copies("web-2")] == [("edge-b", "stopped")]
     assert not (w.state / "lock.json").exists()
+
+
+# ------------------------------------------------------------------- a daemon stopped mid-handoff
+
+
+@dataclass
+class Daemon:
+    """`nephele watch` as its own process, its output collected line by line as it comes."""
+
+    proc: subprocess.Popen[str]
+    lines: list[str] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, w: World) -> Daemon:
+        argv = ["watch", "-f", str(w.checkout), "--git-poll", "1s", "--resync", "1m"]
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "nephele", *argv],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        d = cls(proc)
+        threading.Thread(target=d._pump, daemon=True).start()
+        return d
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    def alive(self) -> bool:
+        assert self.proc.poll() is None, "\n".join(self.lines[-40:])
+        return True
+
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()  # reaped: a zombie's pid would still look alive to the next daemon
+
+
+def leftovers(w: World, node: str, uuid: str) -> list[str]:
+    """What of instance `uuid` is on `node` according to its libvirtd and its state dir."""
+    out = []
+    conn = libvirt.open(w.cloudlet.node(node).libvirt_uri)
+    try:
+        for d in conn.listAllDomains(0):
+            if d.UUIDString() == uuid:
+                out.append(f"domain {d.name()} (state {d.state()[0]})")
+    finally:
+        conn.close()
+    if (w.cloudlet.node(node).host_root / "instances" / uuid).exists():
+        out.append(f"instance directory instances/{uuid}")
+    return out
+
+
+def state_of(body: str) -> dict[str, float]:
+    return {k: float(v) for k, v in (kv.split("=", 1) for kv in body.split()) if k in ("counter", "uptime")}
+
+
+def move_web1(w: World, src: str, dst: str, message: str) -> tuple[str, str, dict[str, float]]:
+    """Commit web-1 on `dst` with `src`'s link at 10 Mbit/s (so the handoff lasts); returns the commit,
+    web-1's uuid and its counter/uptime before."""
+    [(node, inst)] = w.copies("web-1")
+    assert node == src and inst["state"] == "running", (node, inst)
+    body = wait_for(lambda: http(f"http://{w.address(src)}:8080/cgi-bin/state"), 60, f"HTTP on {src}")
+    w.cloudlet.set_link(10, src)
+    commit = w.commit(
+        f'  web-1: {{snapshot: web, node: {dst}, ports: ["8080:80"]}}\n'
+        "  web-2: {snapshot: web, node: edge-b, state: stopped}\n",
+        message,
+    )
+    return commit, str(inst["uuid"]), state_of(body)
+
+
+def handoff_running(w: World, d: Daemon, seen: int, src: str) -> bool:
+    """The daemon's handoff of web-1 streams (a progress line) and the source shows its HANDOFFURL."""
+    d.alive()
+    started = any(
+        e["event"] == "action" and e["action"] == "handoff:instance/web-1" and e["result"] == "start"
+        for e in w.events()[seen:]
+    )
+    if not (started and any("over the wire" in line for line in d.lines)):
+        return False
+    inst = w.agents[src].call("observe")["instances"].get("web-1")
+    return bool(inst and inst["handoff_url"])
+
+
+def assert_moved(w: World, dst: str, src: str, uuid: str, before: dict[str, float]) -> None:
+    """web-1 runs on dst only, as the same VM (uuid, uptime and counter went on), nothing left on src."""
+    [(node, inst)] = w.copies("web-1")
+    assert (node, inst["uuid"], inst["state"], inst["handoff_url"]) == (dst, uuid, "running", None)
+    body = wait_for(lambda: http(f"http://{w.address(dst)}:8080/cgi-bin/state"), 60, f"HTTP on {dst}")
+    after = state_of(body)
+    assert after["uptime"] > before["uptime"] and after["counter"] >= before["counter"], (before, after)
+    assert leftovers(w, src, uuid) == []
+
+
+def test_sigterm_mid_handoff_lets_the_handoff_finish(w: World) -> None:
+    """SIGTERM while the daemon hands web-1 off: the handoff completes, then the daemon exits 0."""
+    commit, uuid, before = move_web1(w, "edge-a", "edge-b", "web-1 to edge-b")
+    seen = len(w.events())
+    d = Daemon.start(w)
+    try:
+        wait_for(lambda: handoff_running(w, d, seen, "edge-a"), 300, "the handoff to stream", d.lines)
+        d.proc.send_signal(signal.SIGTERM)
+        d.proc.wait(600)
+    finally:
+        d.kill()
+        w.cloudlet.set_link(1000, "edge-a")
+    out = d.output()
+    assert d.proc.returncode == 0, out
+    assert "Received SIGTERM" in out
+    new = w.events()[seen:]
+    done = [
+        e
+        for e in new
+        if e["event"] == "action" and e["action"] == "handoff:instance/web-1" and e["result"] == "done"
+    ]
+    assert done and done[0]["node"] == "edge-b", out
+    assert new[-1]["event"] == "daemon" and new[-1]["result"] == "stop"
+    assert not (w.state / "lock.json").exists()
+    assert_moved(w, "edge-b", "edge-a", uuid, before)
+    status = json.loads((w.state / "status.json").read_text())
+    assert status["last_applied"]["git_commit"] == commit
+    print(f"SIGTERM mid-handoff: the handoff finished in {done[0]['duration']:.1f} s before the exit")
+
+
+def test_sigkill_mid_handoff_then_restart_converges(w: World) -> None:
+    """SIGKILL while the daemon hands web-1 off (the nodes roll the handoff back or finish it on their
+    own), then a new daemon: it reports the interrupted handoff, breaks the dead daemon's lock, and
+    ends with web-1 on the desired node only, the same VM, nothing left on the other node."""
+    commit, uuid, before = move_web1(w, "edge-b", "edge-a", "web-1 back to edge-a")
+    seen = len(w.events())
+    d = Daemon.start(w)
+    try:
+        wait_for(lambda: handoff_running(w, d, seen, "edge-b"), 300, "the handoff to stream", d.lines)
+        d.kill()
+        assert (w.state / "lock.json").exists()  # the dead daemon's lock is left behind
+        w.cloudlet.set_link(1000, "edge-b")
+
+        # The nodes on their own: no VM lost, none duplicated, the handoff mark gone once they settle.
+        def settled() -> list[tuple[str, dict[str, Any]]] | None:
+            found = w.copies("web-1")
+            return found if all(not i["handoff_url"] for _, i in found) else None
+
+        after_kill = wait_for(settled, 180, "the nodes to settle after the kill")
+        print(f"after SIGKILL: web-1 on {[(n, i['state']) for n, i in after_kill]}")
+        assert len(after_kill) == 1 and after_kill[0][1]["uuid"] == uuid, after_kill
+        for node in ("edge-a", "edge-b"):
+            if node != after_kill[0][0]:
+                assert leftovers(w, node, uuid) == [], node
+        seen2 = len(w.events())
+        d2 = Daemon.start(w)
+        try:
+            status = w.state / "status.json"
+            wait_for(
+                lambda: (
+                    d2.alive()
+                    and (json.loads(status.read_text()).get("last_applied") or {}).get("git_commit") == commit
+                ),
+                600,
+                "the restarted daemon to converge",
+                d2.lines,
+            )
+            d2.proc.send_signal(signal.SIGTERM)
+            d2.proc.wait(300)
+        finally:
+            d2.kill()
+    finally:
+        d.kill()
+        w.cloudlet.set_link(1000, "edge-b")
+    assert d2.proc.returncode == 0, d2.output()
+    new = w.events()[seen2:]
+    assert any(
+        e["event"] == "resume" and e["action"] == "handoff:instance/web-1" and e["result"] == "interrupted"
+        for e in new
+    ), d2.output()
+    assert any(e["event"] == "daemon" and e["result"] == "lock_broken" for e in new), d2.output()
+    assert "The last run was killed while running handoff:instance/web-1" in d2.output()
+    assert not (w.state / "lock.json").exists()
+    assert_moved(w, "edge-a", "edge-b", uuid, before)

@@ -697,6 +697,9 @@ def test_a_restart_mid_handoff_waits_then_resumes_or_retries(tmp_path: Path, end
     out = w.run_pass(w.latest)
     assert out.result == "in_sync" and not fc.mutations()  # nothing started beside the one in flight
     assert "in progress" in out.message and out.requeue_after is not None  # looks again soon
+    assert out.message.startswith("waiting for the handoff of web-1 in flight")
+    status = tmp_path / ".nephele" / "demo" / "status.json"
+    assert "last_applied" not in json.loads(status.read_text())  # not where the manifest wants it yet
     del fc.nodes["edge-a"].instances[inst.uuid]
     inst.handoff_url = None
     fc.nodes[ends_on].instances[inst.uuid] = inst  # the handoff ended (or was rolled back)
@@ -706,6 +709,7 @@ def test_a_restart_mid_handoff_waits_then_resumes_or_retries(tmp_path: Path, end
     else:
         assert out.result == "applied" and ("edge-a", "instance.handoff") in fc.mutations()
     assert [n for n, _ in fc.find("web-1")] == ["edge-b"]
+    assert json.loads(status.read_text())["last_applied"]["sha256"] == w.latest.sha
 
 
 def test_git_poll_outside_a_work_tree_is_a_clear_error(
