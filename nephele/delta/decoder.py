@@ -1,12 +1,15 @@
 """The receiving side: parse frames as they arrive, rebuild each target, verify, then publish.
 
 Each target is rebuilt in a temporary file beside its output (or a scratch file for a callback-only sink).
-Blocks arriving in order collect in a 16 MiB window; when the stream moves past it, a writer thread
-writes the blocks the stream sent and has the kernel copy the rest from the base image
-(copy_file_range), leaving zero blocks as holes. Blocks behind the window (later pre-copy iterations)
-are written in place. The decoder keeps the nph128 hash of every block it holds, so the END frame's
-digests are checked without reading the images back. Only then, in close(), are the files fsynced and
-renamed. On any error every temporary file is removed and nothing appears at the output paths.
+The blocks a frame carries are written straight into that file (zero blocks not at all: they stay holes);
+a per-block state says what the file holds. Once the stream has moved past a 16 MiB window, a copier
+thread has the kernel copy the window's untouched blocks from the base image (copy_file_range; through a
+buffer where the kernel refuses), leaving zero base blocks as holes. Blocks written behind that point (a
+later pre-copy iteration) wait for the copies first. The decoder keeps the nph128 hash of every block it
+holds (hashed as it writes them, or taken from the base's index for untouched blocks), so the END frame's
+digests are checked without reading the images back. Only then, in close(), are the files fsynced (timed
+apart: StreamStats.sync_seconds) and renamed. On any error every temporary file is removed and nothing
+appears at the output paths.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ from nephele.delta.index import (
 from nephele.delta.stats import StreamStats
 from nephele.errors import DeltaError, NepheleError, StreamCorrupt, StreamTruncated, VerificationFailed
 
-WINDOW_BLOCKS = 4096  # 16 MiB; two buffers per target (one being written)
+WINDOW_BLOCKS = 4096  # 16 MiB: the base is copied a window at a time, behind the stream
 
 
 def _verification(msg: str, *, offset: int) -> VerificationFailed:
