@@ -82,13 +82,13 @@ def test_plan_case(path: Path) -> None:
     got_actions = [
         actual_view(a, exp_actions[i] if i < len(exp_actions) else {}) for i, a in enumerate(result.actions)
     ]
-    got = {
+    got: dict[str, list[Any]] = {
         "actions": got_actions,
         "warnings": [w.message for w in result.warnings],
         "errors": [e.message for e in result.errors],
         "unknown": [f"{u.address}@{u.node}" for u in result.unknown],
     }
-    want = {
+    want: dict[str, list[Any]] = {
         "actions": exp_actions,
         "warnings": exp.get("warnings", []),
         "errors": exp.get("errors", []),
