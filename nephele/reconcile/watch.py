@@ -440,6 +440,9 @@ class Watcher:
             )
             self.say(msg[0].upper() + msg[1:])
             self.emit("resume", action=it.action, result="interrupted", message=msg)
+        # At once, not at the first pass that acts: a pass with nothing to do (the handoff the dead
+        # daemon started finished on the nodes) takes no lock, and the stale one would block an apply.
+        self._break_stale_lock(self.directory)
         if problems is None:
             self.refresh()
             return
@@ -694,15 +697,21 @@ class Watcher:
         try:
             return locks.acquire(ctl.directory, ctl.desired.name, "watch")
         except LockHeld:
-            held = locks.read(ctl.directory)
-            # Our own previous incarnation, killed mid-pass: its lock is ours to break.
-            if held is not None and held.operation == "watch" and locks.is_stale(held):
-                locks.force_unlock(ctl.directory, held.id)
-                self.emit(
-                    "daemon", result="lock_broken", message=f"broke the stale watch lock {held.describe()}"
-                )
+            if self._break_stale_lock(ctl.directory):
                 return locks.acquire(ctl.directory, ctl.desired.name, "watch")
             raise
+
+    def _break_stale_lock(self, directory: Path) -> bool:
+        """Our own previous incarnation, killed mid-pass, left its lock: it is ours to break (only a
+        `watch` lock whose process is gone on this host; an operator's apply lock is never broken)."""
+        held = locks.read(directory)
+        if held is None or held.operation != "watch" or not locks.is_stale(held):
+            return False
+        locks.force_unlock(directory, held.id)
+        msg = f"broke the stale watch lock {held.describe()}"
+        self.say(msg[0].upper() + msg[1:] + ".")
+        self.emit("daemon", result="lock_broken", message=msg)
+        return True
 
     def _apply(
         self, ctl: Controller, rev: Revision, runnable: Plan, observed: Observed, inventory: Any, held: bool

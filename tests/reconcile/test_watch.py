@@ -763,3 +763,33 @@ def test_an_unwritable_event_log_does_not_stop_the_pass(tmp_path: Path) -> None:
     assert w.run_pass(w.latest).result == "applied" and fc.find("web-1")
     state = read_state(w.directory)
     assert state is not None and "No space left on device" in state["event_log_error"]
+
+
+@pytest.mark.parametrize("operation", ["watch", "apply"])
+def test_a_dead_daemons_lock_is_broken_at_start_even_with_nothing_to_do(
+    tmp_path: Path, operation: str
+) -> None:
+    """A daemon killed mid-handoff whose handoff then ended on the nodes: the restarted daemon has
+    nothing to apply (so it would never take the lock), yet the stale lock must not stay behind. An
+    operator's apply lock is never broken."""
+    from nephele.reconcile import locks
+
+    path = write(tmp_path, {"web-1": '{snapshot: web, node: edge-b, ports: ["8080:80"]}'})
+    fc = seeded("edge-a", "edge-b")
+    fc.add_instance("edge-b", "web-1", ports=["8080:80"])
+    state = tmp_path / ".nephele" / "demo"
+    state.mkdir(parents=True)
+    lock = locks.acquire(state, "demo", operation)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    doc = json.loads((state / "lock.json").read_text())
+    (state / "lock.json").write_text(json.dumps({**doc, "pid": dead.pid}))
+    w = watcher(path, fc)
+    w.prepare()
+    assert w.latest is not None
+    broken = [e for e in events(path) if e["event"] == "daemon" and e["result"] == "lock_broken"]
+    if operation == "watch":
+        assert not (state / "lock.json").exists() and lock.id in broken[0]["message"]
+    else:
+        assert (state / "lock.json").exists() and not broken
+    assert w.run_pass(w.latest).result == "in_sync"
