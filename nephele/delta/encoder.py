@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import mmap
 import os
 import time
 from collections import deque
@@ -23,8 +25,7 @@ from nephele.delta.index import BLOCK, RefSet, image_digest, nblocks_of, read_fu
 from nephele.delta.stats import StreamStats
 from nephele.errors import DeltaError
 
-CHUNK_BLOCKS = 1024  # encode_files reads 4 MiB chunks (target and base) into two reused buffer pairs,
-# small enough to still be in cache when the classifier reads them (half the kernel time of 16 MiB chunks)
+CHUNK_BLOCKS = 1024  # encode_files classifies 4 MiB chunks (target and base, in place through their maps)
 MAX_ENTRIES = 4096  # entries per BLOCKS frame (at most W.MAX_ENTRIES): bounds the receiver's memory per frame
 # Values per BLOCKS frame: 256 KiB compresses as well as 64 KiB with lz4 (and zstd) on VM-like data and
 # quarters the per-frame costs on both ends (measured with bench/delta_kernels.py).
@@ -490,61 +491,77 @@ def encode_files(
 
 
 def _encode_file(enc: Encoder, t: _TargetState, fd: int, path: Path, sha256: bool) -> bytes | None:
-    """Stream one image through the encoder in chunks; a helper thread reads chunk k+1 of the target
-    (from the page cache or disk) while this thread classifies and compresses chunk k. The base is read
-    in place through its map (one copy less), except a chunk reaching its partial last block."""
+    """Stream one image through the encoder in 4 MiB chunks, read in place through read-only maps of the
+    image and of its base: no copy into this process (reading into a buffer cost twice the CPU of the
+    whole classification), and each chunk's pages are dropped from the maps once it is classified, so
+    they do not pile up as RSS. The next chunk is prefetched (MADV_WILLNEED): an image not in the page
+    cache is read from disk while this chunk is classified. A chunk reaching a partial last block is read
+    into a buffer. The size is checked before every chunk (a shrunken file is an error, not a SIGBUS)."""
     rs = enc.refs
+    full = t.size // BLOCK
+    mm = mmap.mmap(fd, full * BLOCK, prot=mmap.PROT_READ) if full else None
+    arr: np.ndarray | None = None
+    if mm is not None:
+        arr = np.frombuffer(mm, np.uint8).reshape(full, BLOCK)
     cap = min(CHUNK_BLOCKS, max(t.nblocks, 1))
-    bufs = [(np.empty((cap, BLOCK), np.uint8), np.zeros((cap, BLOCK), np.uint8)) for _ in range(2)]
+    tail = np.zeros((cap, BLOCK), np.uint8)
+    bbuf = np.zeros((cap, BLOCK), np.uint8)
     base_n = rs.indexes[t.base].nblocks if t.base is not None else 0
     base_reader = rs.readers[t.base] if t.base is not None else None
+    base_h = np.zeros((cap, 2), np.uint64)
+    has_base = np.zeros(cap, np.bool_)
     sha = hashlib.sha256() if sha256 else None
-
-    def load(start: int, k: int) -> int:
-        buf, bbuf = bufs[k]
-        cnt = min(CHUNK_BLOCKS, t.nblocks - start)
-        want = min(cnt * BLOCK, t.size - start * BLOCK)
-        mv = buf.data.cast("B")
-        got = read_full(fd, mv[:want], start * BLOCK)
-        if got != want:
-            raise DeltaError(f"{path} shrank while being encoded (short read at byte {start * BLOCK + got})")
-        if want < cnt * BLOCK:
-            mv[want : cnt * BLOCK] = bytes(cnt * BLOCK - want)
-        if sha is not None:
-            sha.update(mv[:want])
-        nb = max(0, min(cnt, base_n - start))
-        if base_reader is not None and nb and not mapped(start, cnt):
-            base_reader.read_range(start, bbuf[:nb])
-        return want
-
-    def mapped(start: int, cnt: int) -> bool:
-        return base_reader is not None and start + cnt <= base_reader.size // BLOCK
-
-    starts = list(range(0, t.nblocks, CHUNK_BLOCKS))
-    with ThreadPoolExecutor(1, thread_name_prefix="nephele-delta-read") as pool:
-        fut = pool.submit(load, 0, 0) if starts else None
-        for k, start in enumerate(starts):
-            assert fut is not None
-            want = fut.result()
-            fut = pool.submit(load, starts[k + 1], (k + 1) % 2) if k + 1 < len(starts) else None
-            buf, bbuf = bufs[k % 2]
+    rows: np.ndarray | None = None
+    view: np.ndarray | None = None
+    base_rows: np.ndarray | None = None
+    try:
+        for start in range(0, t.nblocks, CHUNK_BLOCKS):
             cnt = min(CHUNK_BLOCKS, t.nblocks - start)
+            want = min(cnt * BLOCK, t.size - start * BLOCK)
+            if os.fstat(fd).st_size < t.size:
+                raise DeltaError(f"{path} shrank while being encoded (at byte {start * BLOCK})")
+            if arr is not None and mm is not None and start + cnt <= full:
+                rows = arr[start : start + cnt]
+                nxt = min(CHUNK_BLOCKS, full - start - cnt)
+                if nxt > 0:
+                    mm.madvise(mmap.MADV_WILLNEED, (start + cnt) * BLOCK, nxt * BLOCK)
+            else:
+                mv = tail.data.cast("B")
+                got = read_full(fd, mv[:want], start * BLOCK)
+                if got != want:
+                    raise DeltaError(
+                        f"{path} shrank while being encoded (short read at byte {start * BLOCK + got})"
+                    )
+                mv[want : cnt * BLOCK] = bytes(cnt * BLOCK - want)
+                rows = tail[:cnt]
+            if sha is not None:
+                sha.update(rows.data.cast("B")[:want])
             blocks = np.arange(start, start + cnt, dtype=np.int64)
             nb = max(0, min(cnt, base_n - start))
-            has_base = np.zeros(cnt, np.bool_)
+            has_base[:] = False
             has_base[:nb] = True
-            base_h = np.zeros((cnt, 2), np.uint64)
-            if nb:
-                base_h[:nb] = rs.indexes[t.base].hashes[start : start + nb]  # type: ignore[index]
-            enc.stats.input_bytes += want
+            base_h[:] = 0
             base_rows = bbuf[:cnt]
-            if base_reader is not None and mapped(start, cnt):
-                base_rows = base_reader.view(start, cnt)  # type: ignore[assignment]
-            enc._put(t, blocks, buf[:cnt], base_rows, has_base, base_h, False)
-            if base_reader is not None and mapped(start, cnt):
+            view = None
+            if base_reader is not None and nb:
+                base_h[:nb] = rs.indexes[t.base].hashes[start : start + nb]  # type: ignore[index]
+                view = base_reader.view(start, cnt)
+                if view is not None:
+                    base_rows = view
+                else:
+                    base_reader.read_range(start, bbuf[:nb])
+            enc.stats.input_bytes += want
+            enc._put(t, blocks, rows, base_rows, has_base[:cnt], base_h[:cnt], False)
+            if base_reader is not None and view is not None:
+                view = None
                 base_reader.drop(start, cnt)
-        if fut is not None:
-            fut.result()
+            if mm is not None and start + cnt <= full:
+                mm.madvise(mmap.MADV_DONTNEED, start * BLOCK, cnt * BLOCK)
+    finally:  # no view may outlive the maps (an exception's traceback would keep them alive)
+        rows = arr = view = base_rows = None
+        if mm is not None:
+            with contextlib.suppress(BufferError):  # a view still alive: the map goes with it
+                mm.close()
     if os.fstat(fd).st_size != t.size:
         raise DeltaError(f"{path} changed size while being encoded")
     return sha.digest() if sha is not None else None

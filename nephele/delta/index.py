@@ -20,6 +20,7 @@ chunks and hashes at memory speed.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import struct
@@ -261,7 +262,8 @@ class RefReader:
     def close(self) -> None:
         self._arr = None
         if self._mm is not None:
-            self._mm.close()
+            with contextlib.suppress(BufferError):  # a view still alive (say, in a traceback) keeps the map
+                self._mm.close()
             self._mm = None
         if self._fd >= 0:
             os.close(self._fd)
