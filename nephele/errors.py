@@ -12,7 +12,8 @@ message to print; the CLI maps the tree to exit codes and never shows a tracebac
     ├── NodeError                raised on a node; travels back as RemoteError
     │   ├── NotFound             unknown image, snapshot or instance
     │   ├── Conflict             port in use, name taken, ambiguous title, lock held
-    │   └── InvalidInput         a file or argument that cannot be used as given
+    │   ├── InvalidInput         a file or argument that cannot be used as given
+    │   └── NoSpace              the node's disk cannot hold what an operation would write (checked first)
     ├── DeltaError               the delta engine refused a stream or an image
     │   ├── StreamCorrupt        bytes do not parse; .offset says where in the stream
     │   ├── StreamTruncated      the stream ended before its trailer
@@ -107,6 +108,16 @@ class Conflict(NodeError):
 
 class InvalidInput(NodeError):
     kind = "invalid_input"
+
+
+class NoSpace(NodeError):
+    """Refused before writing: `path`'s file system has `free` bytes, the operation needs `needed`."""
+
+    kind = "no_space"
+
+    def __init__(self, message: str, *, path: str = "", needed: int = 0, free: int = 0) -> None:
+        self.path, self.needed, self.free = path, needed, free
+        super().__init__(message)
 
 
 class DeltaError(NepheleError):

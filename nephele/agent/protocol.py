@@ -19,9 +19,21 @@ from typing import Any
 from nephele.errors import NepheleError, ProtocolError, RemoteError
 
 PROTOCOL_VERSION = 1
+# The largest request or response either end reads. Requests are a few hundred bytes; responses (observe
+# of a busy node, logs) tens of KiB. The bound keeps a runaway or hostile peer from exhausting memory.
+MAX_MESSAGE = 16 << 20
 
 # Error kinds a node may send. Anything else is passed through as-is (a newer node may know more).
-ERROR_KINDS = ("not_found", "conflict", "invalid_input", "unsupported", "protocol", "internal", "node")
+ERROR_KINDS = (
+    "not_found",
+    "conflict",
+    "invalid_input",
+    "no_space",
+    "unsupported",
+    "protocol",
+    "internal",
+    "node",
+)
 
 Request = dict[str, Any]
 Response = dict[str, Any]
@@ -60,6 +72,8 @@ def encode(message: Mapping[str, Any]) -> bytes:
 
 def decode(data: bytes | str, *, what: str, node: str | None = None) -> dict[str, Any]:
     """Parse one JSON object; anything else is a ProtocolError naming what was being read."""
+    if len(data) > MAX_MESSAGE:
+        raise ProtocolError(f"{what} is larger than {MAX_MESSAGE} bytes", node=node)
     text = data.decode(errors="replace") if isinstance(data, bytes) else data
     if not text.strip():
         raise ProtocolError(f"empty {what} (the agent printed nothing)", node=node)
@@ -70,6 +84,8 @@ def decode(data: bytes | str, *, what: str, node: str | None = None) -> dict[str
         raise ProtocolError(
             f"{what} is not JSON ({exc.msg} at char {exc.pos}): {snippet!r}", node=node
         ) from None
+    except RecursionError:  # json's scanner recurses per nesting level: `[[[[...` exhausts the stack
+        raise ProtocolError(f"{what} is nested too deeply to be a protocol message", node=node) from None
     if not isinstance(value, dict):
         raise ProtocolError(f"{what} is not a JSON object but {type(value).__name__}", node=node)
     return value

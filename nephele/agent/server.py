@@ -46,6 +46,9 @@ def handle(
         return protocol.error_response(rid, "unsupported", f"unknown op {op!r} (this node knows: {known})")
     args = dict(args)
     root = args.pop("root", None)
+    if root is not None and (not isinstance(root, str) or not root or "\0" in root):
+        # "" would be the agent's working directory; only a real path or the default will do.
+        return protocol.error_response(rid, "protocol", f"request 'args.root' must be a path, not {root!r}")
     try:
         ctx = NodeContext(root, progress=progress)
     except OSError as exc:
@@ -80,7 +83,7 @@ def serve_one(stdin: IO[bytes], stdout: IO[bytes], stderr: IO[str]) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _raise_on_signal)
-    data = stdin.read()
+    data = stdin.read(protocol.MAX_MESSAGE + 1)  # a bigger request is refused unread, not buffered
     try:
         message = protocol.decode(data, what="request")
     except ProtocolError as exc:

@@ -54,6 +54,9 @@ def check(text: str, filename: str = "<string>") -> tuple[Desired | None, list[P
     """(desired, []) for a valid manifest, (None, every problem) otherwise. Never raises for bad input."""
     data, positions, problems = parse(text, filename)
     if data is None:
+        if not problems:  # a document that is only `~` or `null`
+            pos = positions.value(())
+            problems = [Problem(filename, pos.line, pos.col, "", "the manifest is null, not a mapping")]
         return None, problems
     unreadable = {format_path(p) for p in positions.unreadable}
     later = schema.check(data, positions) + xref.check(data, positions)

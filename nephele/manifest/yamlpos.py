@@ -12,6 +12,7 @@ as in YAML 1.2.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -152,11 +153,22 @@ def _syntax_problem(exc: yaml.YAMLError, filename: str, text: str) -> Problem:
         return Problem(filename, mark.line + 1, mark.column + 1, "", f"YAML syntax error: {what}")
     if isinstance(exc, yaml.reader.ReaderError):
         # e.g. a control character; the reader gives only a character offset
-        line = text.count("\n", 0, exc.position) + 1
-        col = exc.position - (text.rfind("\n", 0, exc.position) + 1) + 1
+        line, col = _line_col(text, exc.position)
         char = exc.character if isinstance(exc.character, str) else chr(exc.character)
         return Problem(filename, line, col, "", f"YAML syntax error: the character {char!r} is not allowed")
     return Problem(filename, 1, 1, "", f"YAML syntax error: {exc}")
+
+
+_BREAKS = re.compile("\r\n|[\n\r\x85\u2028\u2029]")
+
+
+def _line_col(text: str, position: int) -> tuple[int, int]:
+    """1-based line and column of a character offset, counting line breaks as YAML (and PyYAML's
+    marks) do: CR LF, LF, a lone CR, NEL, LS and PS."""
+    line, start = 1, 0
+    for m in _BREAKS.finditer(text, 0, position):
+        line, start = line + 1, m.end()
+    return line, position - start + 1
 
 
 class _Walker:
@@ -207,8 +219,10 @@ class _Walker:
             return node.value
         try:
             return self.constructor.construct_object(node, deep=True)
-        except yaml.YAMLError as exc:
-            problem = getattr(exc, "problem", None) or str(exc)
+        except (yaml.YAMLError, ValueError, TypeError, LookupError, AttributeError, ArithmeticError) as exc:
+            # PyYAML's constructors do not check explicitly tagged scalars: `!!int ''` is an IndexError,
+            # `!!int x` a ValueError, `!!timestamp x` an AttributeError.
+            problem = getattr(exc, "problem", None) or f"not a valid {node.tag.rsplit(':', 1)[-1]}"
             self._problem(_mark(node), path, f"cannot read this value: {problem}")
             self.positions.unreadable.add(path)
             return None

@@ -29,6 +29,7 @@ from typing import Any
 
 from nephele.errors import Conflict, InvalidInput, NodeError, NotFound
 from nephele.node import domain as dx
+from nephele.node import space
 from nephele.node.runtime import NodeContext
 from nephele.node.store import IMAGE_FORMAT, ImageRecord, Store, content_id, fsync_dir, hash_files
 
@@ -281,11 +282,52 @@ def open_export(args: dict[str, Any], what: str) -> tuple[zipfile.ZipFile, str, 
         raise InvalidInput(f"{what} import: {raw}: not a nephele {what} export ({exc})") from None
 
 
+def discard_upload(ctx: NodeContext, args: dict[str, Any]) -> None:
+    """Remove the export an import read when it is a copy uploaded into the node's tmp/ (the controller
+    puts them at tmp/nephele-*.zip), whether the import worked or not: tmp/ is scratch, and a disk left
+    full of spent uploads fails the next copy. A file anywhere else is the user's and stays."""
+    raw = args.get("path")
+    if not isinstance(raw, str) or not raw or "\0" in raw:
+        return
+    path = Path(raw).expanduser()
+    try:
+        in_tmp = path.parent.resolve() == ctx.store.tmp.resolve()
+        if in_tmp and path.name.startswith("nephele-") and path.is_file() and not path.is_symlink():
+            path.unlink()
+            ctx.log.info("removed the uploaded export %s", path)
+    except OSError as exc:
+        ctx.log.warning("cannot remove the uploaded export %s: %s", path, exc)
+
+
+def member_bytes(zf: zipfile.ZipFile, names: list[str]) -> int:
+    """What extracting `names` writes: the sizes the zip records (zipfile never extracts more than a
+    member's recorded size, so a lying archive fails its check instead of filling the disk)."""
+    total = 0
+    for name in names:
+        with contextlib.suppress(KeyError):  # a missing member is reported by the extraction
+            total += zf.getinfo(name).file_size
+    return total
+
+
 def import_(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
+    try:
+        return _import(ctx, args)
+    finally:
+        discard_upload(ctx, args)
+
+
+def _import(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
     zf, raw, src = open_export(args, "image")
     with zf, ctx.store.staging("import") as stage:
         meta = _read_export_meta(zf, raw)
         expected = {n: str(v["sha256"]) for n, v in meta["files"].items()}
+        space.require(
+            stage,
+            member_bytes(zf, sorted(expected)),
+            what=f"image import {raw}",
+            node=ctx.hostname,
+            detail=f"for {len(expected)} files",
+        )
         ctx.progress(f"Decompressing image to {ctx.store.images}...")
         for name, want in sorted(expected.items()):
             got = _extract_checked(zf, name, stage / name, raw)

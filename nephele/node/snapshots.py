@@ -26,7 +26,7 @@ from typing import Any
 
 from nephele.errors import Conflict, DeltaError, InvalidInput, NodeError, NotFound
 from nephele.node import domain as dx
-from nephele.node import images
+from nephele.node import images, space
 from nephele.node.runtime import NodeContext
 from nephele.node.store import (
     ImageRecord,
@@ -349,6 +349,13 @@ def export(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
 
 
 def import_(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
+    try:
+        return _import(ctx, args)
+    finally:
+        images.discard_upload(ctx, args)
+
+
+def _import(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
     zf, raw, src = images.open_export(args, "snapshot")
     with zf, ctx.store.staging("snapimport") as stage:
         try:
@@ -358,6 +365,7 @@ def import_(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
             raise InvalidInput(f"snapshot import: {raw}: not a nephele snapshot export ({exc})") from None
         if not isinstance(meta, dict) or meta.get("format") != SNAPSHOT_FORMAT:
             raise InvalidInput(f"snapshot import: {raw}: unsupported snapshot format")
+        _check_meta(meta, raw)
         try:
             images.resolve(ctx.store, str(meta["image"]))
         except NotFound:
@@ -365,13 +373,20 @@ def import_(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
                 f"snapshot import: {raw}: its image {str(meta['image'])[:12]} is not on this node; "
                 "import the image first"
             ) from None
-        for name in names:
-            if name == EXPORT_META:
-                continue
+        members = [n for n in names if n != EXPORT_META]
+        for name in members:
             if name != DELTA and not (
                 name.startswith(f"{STATE_DIR}/") and "/" not in name[len(STATE_DIR) + 1 :]
             ):
                 raise InvalidInput(f"snapshot import: {raw}: unexpected member {name!r}")
+        space.require(
+            stage,
+            images.member_bytes(zf, members),
+            what=f"snapshot import {raw}",
+            node=ctx.hostname,
+            detail=f"for {len(members)} files",
+        )
+        for name in members:
             (stage / name).parent.mkdir(parents=True, exist_ok=True)
             try:
                 with zf.open(name) as fin, open(stage / name, "wb") as fout:
@@ -397,6 +412,40 @@ def import_(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
             fsync_dir(ctx.store.snapshots)
     ctx.log.info("snapshot import %s -> %s", src, meta["content_id"])
     return summary(target, meta, ctx.store)
+
+
+def _plain_name(value: Any) -> bool:
+    return (
+        isinstance(value, str) and bool(value) and "/" not in value and "\0" not in value and value[0] != "."
+    )
+
+
+def _check_meta(meta: dict[str, Any], raw: str) -> None:
+    """An imported snapshot's meta.json is used as paths and numbers later (its content id names its
+    directory, ram_files name files under an instance's directory): check every field that is, so a
+    crafted export is refused here instead of writing outside the store or failing on the first run."""
+
+    def bad(what: str) -> InvalidInput:
+        return InvalidInput(f"snapshot import: {raw}: {EXPORT_META}: {what}")
+
+    cid = meta.get("content_id")
+    if not isinstance(cid, str) or len(cid) != 64 or any(c not in "0123456789abcdef" for c in cid):
+        raise bad(f"content_id {cid!r} is not a sha256 hex digest")
+    if not isinstance(meta.get("image"), str) or not meta["image"]:
+        raise bad("no image content id")
+    if not _plain_name(meta.get("name")):
+        raise bad(f"name {meta.get('name')!r} is not a usable snapshot name")
+    delta = (meta.get("files") or {}).get(DELTA) if isinstance(meta.get("files"), dict) else None
+    if not isinstance(delta, dict) or not isinstance(delta.get("sha256"), str):
+        raise bad(f"no sha256 of {DELTA}")
+    if not isinstance(delta.get("size"), int) or isinstance(delta.get("size"), bool) or delta["size"] < 0:
+        raise bad(f"no size of {DELTA}")
+    ram = meta.get("ram_files", {})
+    if not isinstance(ram, dict) or not all(isinstance(k, str) and _plain_name(v) for k, v in ram.items()):
+        raise bad("ram_files must map RAM blocks to plain file names")
+    for key in ("targets", "refs"):
+        if not isinstance(meta.get(key, {}), dict):
+            raise bad(f"{key} is not a mapping")
 
 
 def ls(ctx: NodeContext, args: dict[str, Any]) -> list[dict[str, Any]]:

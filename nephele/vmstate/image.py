@@ -88,7 +88,8 @@ class StreamParts:
             )
         if any(isinstance(e, SectionStart) and e.kind != SEC_START for e in events):
             raise VmStateError("stream prefix holds ram iterations; it must end after the START section")
-        assert parser.config is not None
+        if parser.config is None:  # QEMU always sends one; a stored prefix without it was not made here
+            raise VmStateError("stream prefix has no configuration section before the ram START section")
         cmds = tuple(e for e in events if isinstance(e, Command))
         return cls(prefix, tail, parser.ram_section_id, dict(parser.blocks), parser.config, cmds)
 
