@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export NUMBA_CACHE_DIR ?= $(CURDIR)/.cache/numba
 
-.PHONY: all bootstrap test unit check lint typecheck demo bench clean
+.PHONY: all bootstrap test unit fuzz check lint typecheck demo bench clean
 all: test
 
 bootstrap:
@@ -17,6 +17,11 @@ test: bootstrap check
 ## make unit: only the tests that need no VM, node or namespace
 unit: bootstrap
 	$(PY) -m pytest -q -m "not integration"
+
+## make fuzz: the fuzz suite (tests/fuzz) with 30x the examples of its pass in `make test`, fresh random
+## inputs each run (docs/fuzzing.md)
+fuzz: bootstrap
+	NEPHELE_FUZZ=long $(PY) -m pytest -q tests/fuzz
 
 check: lint typecheck
 
