@@ -497,14 +497,13 @@ class Decoder:
             if avail < total:
                 return
             end = self._bstart + W.FRAME_HEAD.size + slen
-            with memoryview(buf) as mv:
+            with memoryview(buf) as mv, mv[self._bstart + W.FRAME_HEAD.size : end] as stored:
                 (check,) = W.CHECK.unpack_from(mv, end)
                 if xxhash.xxh3_64_intdigest(mv[self._bstart : end]) != check:
                     self._corrupt("checksum mismatch")
-                stored = bytes(mv[self._bstart + W.FRAME_HEAD.size : end])
-            if seq != self._seq:
-                self._corrupt(f"frame number {seq} out of sequence")
-            raw = self._decompress(codec, stored, rlen)
+                if seq != self._seq:
+                    self._corrupt(f"frame number {seq} out of sequence")
+                raw = self._decompress(codec, stored, rlen)  # straight from the input buffer
             name = W.FRAME_TYPES[ftype]
             if self._refs is None and ftype != W.HEADER:
                 self._corrupt(f"{name} frame before the HEADER")
@@ -521,10 +520,10 @@ class Decoder:
             self.stats.wire_bytes += total
             self.stats.frames += 1
 
-    def _decompress(self, codec: int, stored: bytes, rlen: int) -> bytes | bytearray:
+    def _decompress(self, codec: int, stored: memoryview, rlen: int) -> bytes | bytearray:
         try:
             if codec == W.NONE:
-                raw = stored
+                raw: bytes | bytearray = bytes(stored)
             elif codec == W.LZ4:
                 raw = lz4.block.decompress(stored, uncompressed_size=rlen, return_bytearray=True)
             else:
