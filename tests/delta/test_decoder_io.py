@@ -123,12 +123,15 @@ def test_rewrites_behind_the_copier(
         (np.array([4, 6, 9, 35]), None),  # data over zeros, over a zero base block, and far ahead
         (np.array([38, 1, 20]), "copy"),  # copies of blocks sent earlier, out of order
         (np.array([0, 5, 12]), 0),
+        (np.array([2, 30, 7, 21]), "same"),  # KEEP entries of blocks zeroed, untouched, sent earlier
     ]
     for blocks, what in rounds:
         if what is None:
             data = rand_blocks(rng, blocks.size)
         elif what == "copy":
             data = truth[[4, 35, 9]]  # STREAM sources in states DATA, DATA, DATA (rewritten)
+        elif what == "same":
+            data = truth[blocks]
         else:
             data = np.zeros((blocks.size, BLOCK), np.uint8)
         enc.put_blocks("ram", blocks, data)
@@ -147,5 +150,6 @@ def test_rewrites_behind_the_copier(
 
     dec = Decoder(refs, {"ram": decoder.Sink(on_blocks=on_blocks, scratch_dir=tmp_path)})
     dec.feed(stream)
-    dec.close()
+    st = dec.close()
     assert img.tobytes() == truth.tobytes()
+    assert st.kinds["memory"].kept == 5  # the last round, and zeros put over the zero base block 5
