@@ -1,8 +1,10 @@
 """A bidirectional forwarder between a local TCP connection and an authenticated channel, with lz4.
 
 Used for the disk channel (QEMU's NBD mirror: request/response, so both directions matter) and the
-libvirt control channel. Each local read becomes one message: DATA_LZ4 (u32 raw length + lz4 block) when
-that is smaller, else DATA; a half-close becomes EOF. ``NbdTap`` watches the NBD client's requests to
+libvirt control channel. Each local read becomes one message: DATA_LZ4 (u32 crc32 of the bytes, u32 raw
+length, lz4 block) when that is smaller, else DATA (u32 crc32, the bytes); a half-close becomes EOF. The
+crc32 is checked before anything is written locally: on a plain channel nothing else would notice a
+changed byte on the way to QEMU's NBD server or libvirtd. ``NbdTap`` watches the NBD client's requests to
 count what the disk mirror wrote (for the DISK row of the stats table).
 """
 
@@ -12,19 +14,75 @@ import contextlib
 import socket
 import struct
 import threading
+import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import lz4.block
 import numpy as np
 
 from nephele.handoff.channel import ChannelClosed, MsgReader, MsgSender
 
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer as Buffer
+
 DATA = 1
 DATA_LZ4 = 2
 EOF = 3
 CHUNK = 256 << 10
 BLOCK = 4096
+
+
+class TokenBucket:
+    """A byte-rate limit shared by every channel of one handoff (the cap is per handoff, not per
+    channel). Each writer reserves its bytes on one timeline and sleeps until its slot, allowing a burst
+    of ``burst`` bytes ahead of it."""
+
+    def __init__(self, rate_bps: float, burst: int = 32 << 10) -> None:
+        if rate_bps <= 0:
+            raise ValueError("the rate must be positive")
+        self.rate = float(rate_bps)  # bytes per second
+        self.burst = burst
+        self._next = time.monotonic()
+        self._lock = threading.Lock()
+
+    def take(self, n: int) -> None:
+        with self._lock:
+            now = time.monotonic()
+            start = max(self._next, now - self.burst / self.rate)
+            self._next = start + n / self.rate
+            wait = self._next - now - self.burst / self.rate
+        if wait > 0:
+            time.sleep(wait)
+
+
+class ThrottledSocket(socket.socket):
+    """A connected socket whose sends go through a TokenBucket (the rest is the socket itself)."""
+
+    bucket: TokenBucket
+
+    @classmethod
+    def wrap(cls, sock: socket.socket, bucket: TokenBucket) -> ThrottledSocket:
+        timeout = sock.gettimeout()
+        out = cls(sock.family, sock.type, sock.proto, fileno=sock.detach())
+        out.settimeout(timeout)
+        out.bucket = bucket
+        return out
+
+    def sendall(self, data: Buffer, flags: int = 0, /) -> None:
+        view = memoryview(data).cast("B")
+        step = max(1024, self.bucket.burst)
+        for i in range(0, len(view), step):
+            chunk = view[i : i + step]
+            self.bucket.take(len(chunk))
+            super().sendall(chunk, flags)
+
+    def send(self, data: Buffer, flags: int = 0, /) -> int:
+        view = memoryview(data).cast("B")[: self.bucket.burst]
+        self.bucket.take(len(view))
+        return super().send(view, flags)
 
 
 @dataclass
@@ -124,11 +182,12 @@ def _local_to_wan(local: socket.socket, tx: MsgSender, st: ForwardStats, tap: Nb
             st.local_in += len(data)
             if tap is not None:
                 tap.feed(data)
+            crc = struct.pack(">I", zlib.crc32(data))
             z = lz4.block.compress(data, store_size=False) if len(data) > 64 else b""
             if z and len(z) + 4 < len(data):
-                tx.send(DATA_LZ4, struct.pack(">I", len(data)) + z)
+                tx.send(DATA_LZ4, crc + struct.pack(">I", len(data)) + z)
             else:
-                tx.send(DATA, data)
+                tx.send(DATA, crc + data)
             st.wan_out = tx.bytes
         tx.send(EOF)
     except OSError as exc:
@@ -147,15 +206,20 @@ def _wan_to_local(rx: MsgReader, local: socket.socket, st: ForwardStats, tap: Nb
                 break
             mtype, payload = msg
             st.wan_in = rx.bytes
+            if mtype in (DATA, DATA_LZ4) and len(payload) < (4 if mtype == DATA else 8):
+                raise ChannelClosed(f"a forwarded message of {len(payload)} bytes is too short")
             if mtype == DATA:
-                out = payload
+                out = payload[4:]
             elif mtype == DATA_LZ4:
-                (n,) = struct.unpack_from(">I", payload)
-                out = lz4.block.decompress(payload[4:], uncompressed_size=n)
+                (n,) = struct.unpack_from(">I", payload, 4)
+                out = lz4.block.decompress(payload[8:], uncompressed_size=n)
             elif mtype == EOF:
                 break
             else:
                 raise ChannelClosed(f"unexpected message type {mtype} on a forwarding channel")
+            if struct.unpack_from(">I", payload)[0] != zlib.crc32(out):
+                # a plain (unencrypted) channel has no other check: never hand QEMU or libvirtd bad bytes
+                raise ChannelClosed(f"checksum mismatch in a forwarded message ({len(out)} bytes)")
             if tap is not None:
                 tap.feed(out)
             local.sendall(out)
