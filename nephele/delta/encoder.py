@@ -325,13 +325,14 @@ class Encoder:
                 return
             b = blocks[start:end]
             parts = [
-                W.BLOCKS_HEAD.pack(end - start, v1 - v0, a1 - a0, 0),
-                np.diff(b, prepend=np.int64(0)).astype("<i8").tobytes(),
-                ops[start:end].tobytes(),
-                args[a0:a1].astype("<i8").tobytes(),
-                values[v0:v1].tobytes(),
+                np.frombuffer(W.BLOCKS_HEAD.pack(end - start, v1 - v0, a1 - a0, 0), np.uint8),
+                np.diff(b, prepend=np.int64(0)).astype("<i8").view(np.uint8),
+                ops[start:end],
+                args[a0:a1].astype("<i8").view(np.uint8),
+                values[v0:v1].reshape(-1),
             ]
-            self._frame(W.BLOCKS, t.index, b"".join(parts), compress=True, kind=t.kind)
+            raw = np.concatenate(parts).data  # the values are copied once, into the frame
+            self._frame(W.BLOCKS, t.index, raw, compress=True, kind=t.kind)
             start = end
 
     def _flush_carry(self) -> None:
@@ -341,7 +342,7 @@ class Encoder:
             self._frames(t, b, o, a, v, final=True)
 
     # -- frames ------------------------------------------------------------------------------------
-    def _compress(self, raw: bytes) -> bytes:
+    def _compress(self, raw: bytes | memoryview) -> bytes:
         if self._codec == W.LZ4:
             lvl = self._level
             if lvl is None or lvl == 0:
@@ -354,7 +355,9 @@ class Encoder:
         assert self._zc is not None
         return self._zc.compress(raw)
 
-    def _frame(self, ftype: int, target: int, raw: bytes, *, compress: bool, kind: str | None = None) -> None:
+    def _frame(
+        self, ftype: int, target: int, raw: bytes | memoryview, *, compress: bool, kind: str | None = None
+    ) -> None:
         if len(raw) > W.MAX_RAW:
             raise DeltaError(f"frame payload of {len(raw)} bytes exceeds {W.MAX_RAW}")
         seq = self._seq
@@ -367,7 +370,7 @@ class Encoder:
             self._pending.popleft().result()
 
     def _frame_now(
-        self, ftype: int, target: int, seq: int, raw: bytes, compress: bool, kind: str | None
+        self, ftype: int, target: int, seq: int, raw: bytes | memoryview, compress: bool, kind: str | None
     ) -> None:
         """Compress, checksum and write one frame (on the writer thread when there is one: frames are
         written in submission order, and only this thread touches the byte counters meanwhile)."""
@@ -404,7 +407,7 @@ class Encoder:
             self._pool.shutdown(wait=True)
             self._pool = None
 
-    def _write(self, b: bytes) -> None:
+    def _write(self, b: bytes | memoryview) -> None:
         self._out.write(b)
         self.stats.wire_bytes += len(b)
 
