@@ -38,6 +38,9 @@ DEFAULT_CPUS = 1
 EXPORT_META = "nephele-image.json"
 DESCRIPTOR_SUFFIXES = (".json", ".nvm")
 COPY_CHUNK = 1 << 20
+# What reading a damaged zip member raises: a bad header or CRC, a bad deflate stream, a member cut
+# short, a compression method zipfile does not know (a flipped bit in the header), a read error.
+ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, OSError)
 
 
 def now_iso() -> str:
@@ -359,9 +362,11 @@ def _read_export_meta(zf: zipfile.ZipFile, raw: str) -> dict[str, Any]:
         raise InvalidInput(
             f"image import: {raw}: no {EXPORT_META} inside; not a nephele image export"
         ) from None
-    except (json.JSONDecodeError, zipfile.BadZipFile, UnicodeDecodeError) as exc:
+    except (ValueError, *ZIP_ERRORS) as exc:  # JSON and UTF-8 errors are ValueErrors
         raise InvalidInput(f"image import: {raw}: unreadable {EXPORT_META} ({exc})") from None
-    if not isinstance(meta, dict) or meta.get("format") != IMAGE_FORMAT:
+    if not isinstance(meta, dict):
+        raise InvalidInput(f"image import: {raw}: {EXPORT_META} is not a JSON object")
+    if meta.get("format") != IMAGE_FORMAT:
         raise InvalidInput(f"image import: {raw}: unsupported image format {meta.get('format')!r}")
     files = meta.get("files")
     if not isinstance(files, dict) or not {"disk.raw", "memory.save"} <= set(files):
@@ -383,7 +388,7 @@ def _extract_checked(zf: zipfile.ZipFile, name: str, dest: Path, raw: str) -> st
                 out.write(chunk)
     except KeyError:
         raise InvalidInput(f"image import: {raw}: {name} is missing from the export") from None
-    except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as exc:
+    except ZIP_ERRORS as exc:
         raise InvalidInput(f"image import: {raw}: {name} is corrupt ({exc})") from None
     return h.hexdigest()
 

@@ -361,7 +361,7 @@ def _import(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
         try:
             meta = json.loads(zf.read(EXPORT_META))
             names = zf.namelist()
-        except (KeyError, ValueError, zipfile.BadZipFile) as exc:
+        except (KeyError, ValueError, *images.ZIP_ERRORS) as exc:
             raise InvalidInput(f"snapshot import: {raw}: not a nephele snapshot export ({exc})") from None
         if not isinstance(meta, dict) or meta.get("format") != SNAPSHOT_FORMAT:
             raise InvalidInput(f"snapshot import: {raw}: unsupported snapshot format")
@@ -391,7 +391,7 @@ def _import(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
             try:
                 with zf.open(name) as fin, open(stage / name, "wb") as fout:
                     shutil.copyfileobj(fin, fout, 1 << 20)
-            except (zipfile.BadZipFile, OSError) as exc:
+            except images.ZIP_ERRORS as exc:
                 raise InvalidInput(f"snapshot import: {raw}: {name} is corrupt ({exc})") from None
         want = str(meta["files"][DELTA]["sha256"])
         got = hash_files(stage, [DELTA])[DELTA]["sha256"] if (stage / DELTA).is_file() else "missing"
