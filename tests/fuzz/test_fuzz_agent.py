@@ -126,7 +126,7 @@ def request_bytes(draw: st.DrawFn) -> bytes:
     return _mutate(draw, data) if draw(st.integers(0, 3)) == 3 else data
 
 
-@fuzz(300)
+@fuzz(200)
 @given(request_bytes())
 def test_decode_and_validate(data: bytes) -> None:
     with no_hang():

@@ -229,7 +229,7 @@ def test_the_unmutated_stream_decodes(case: Case) -> None:
     assert len(case.frames) > 6
 
 
-@fuzz(200)
+@fuzz(400)
 @given(data=st.data())
 def test_mutated_streams(case: Case, data: st.DataObject) -> None:
     stream = data.draw(mutated(case))
