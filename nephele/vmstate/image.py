@@ -121,9 +121,10 @@ class FlatRam:
                 os.ftruncate(fd, length)
                 self.seen[name] = np.zeros(length // PAGE_SIZE, dtype=np.bool_)
                 self._data[name] = np.zeros(length // PAGE_SIZE, dtype=np.bool_)
-        except OSError as e:
+        except (OSError, MemoryError) as e:  # EFBIG, ENOSPC; a page bitmap too large for this host
             self.remove()
-            raise VmStateError(f"cannot create RAM image files in {out_dir}: {e}") from e
+            why = str(e) or f"{type(e).__name__} (RAM blocks of {sum(blocks.values())} bytes)"
+            raise VmStateError(f"cannot create RAM image files in {out_dir}: {why}") from e
 
     def apply(self, ev: Page | ZeroPage) -> None:
         fd = self._fds[ev.block]

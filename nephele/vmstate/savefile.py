@@ -329,15 +329,16 @@ def load_parts(directory: Path) -> SaveImageParts:
     state_path = directory / STATE_FILE
     try:
         state = json.loads(state_path.read_text())
-        if state.get("format") != _STATE_FORMAT:
-            raise VmStateError(f"{state_path}: unknown format {state.get('format')!r}")
+        if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
+            what = state.get("format") if isinstance(state, dict) else type(state).__name__
+            raise VmStateError(f"{state_path}: unknown format {what!r}")
         xml = (directory / _XML_FILE).read_text()
         cookie = (directory / _COOKIE_FILE).read_text() if state["cookie"] else None
         prefix = (directory / _PREFIX_FILE).read_bytes()
         tail = (directory / _TAIL_FILE).read_bytes()
         blocks = [(str(b["name"]), int(b["length"]), str(b["file"])) for b in state["blocks"]]
         was_running = bool(state["was_running"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, OverflowError) as e:  # OverflowError: int(Infinity)
         raise VmStateError(f"{directory}: not a complete split save image ({e})") from e
     parts = StreamParts.from_prefix(prefix, tail)
     if list(parts.blocks.items()) != [(n, ln) for n, ln, _ in blocks]:
