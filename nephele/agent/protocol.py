@@ -19,9 +19,10 @@ from typing import Any
 from nephele.errors import NepheleError, ProtocolError, RemoteError
 
 PROTOCOL_VERSION = 1
-# The largest request or response either end reads. Requests are a few hundred bytes; responses (observe
-# of a busy node, logs) tens of KiB. The bound keeps a runaway or hostile peer from exhausting memory.
-MAX_MESSAGE = 16 << 20
+# The largest request or response either end reads. Requests are a few hundred bytes; responses are
+# tens of KiB, the largest `node.logs` with lines=0 (the whole log: up to 25 MiB, escaped). The bound
+# keeps a runaway or hostile peer from exhausting memory.
+MAX_MESSAGE = 64 << 20
 
 # Error kinds a node may send. Anything else is passed through as-is (a newer node may know more).
 ERROR_KINDS = (

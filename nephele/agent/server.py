@@ -48,7 +48,8 @@ def handle(
     root = args.pop("root", None)
     if root is not None and (not isinstance(root, str) or not root or "\0" in root):
         # "" would be the agent's working directory; only a real path or the default will do.
-        return protocol.error_response(rid, "protocol", f"request 'args.root' must be a path, not {root!r}")
+        why = f"request 'args.root' must be a path, not {root!r:.80}"
+        return protocol.error_response(rid, "protocol", why)
     try:
         ctx = NodeContext(root, progress=progress)
     except OSError as exc:
