@@ -191,11 +191,14 @@ def main() -> int:
             off = log_d.stat().st_size if log_d.exists() else 0
             t0 = time.monotonic()
             err = None
+            corrected: dict[str, Any] = {}
             try:
                 if ns.mode == "stock":
                     stock_move(cur, other, uuid)
                 else:
-                    perform(agent(cur), agent(other), "web-1", spec(other), source_address=cur.address)
+                    res = perform(agent(cur), agent(other), "web-1", spec(other), source_address=cur.address)
+                    mem = res.source.get("memory") or {}
+                    corrected = {"checked": mem.get("checked"), "corrected": mem.get("corrected")}
             except Exception as e:  # reported in the line
                 err = f"{type(e).__name__}: {e}"
             took = time.monotonic() - t0
@@ -212,7 +215,7 @@ def main() -> int:
                 and int(after["counter"]) > int(before["counter"])
             )
             print(json.dumps({"run": i + 1, "from": cur.name, "to": other.name, "ok": ok, "error": err,
-                              "seconds": round(took, 1), "splat": splat[:6], "before": before,
+                              "seconds": round(took, 1), "splat": splat[:6], "before": before, **corrected,
                               "after": after}), flush=True)  # fmt: skip
             if err is not None:  # what the destination's QEMU and handoff logs say, then start anew
                 logs = {}

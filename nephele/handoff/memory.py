@@ -50,6 +50,8 @@ from nephele.delta.decoder import Sink
 from nephele.delta.stats import StreamStats
 from nephele.errors import HandoffError, NepheleError
 from nephele.handoff.channel import ChannelClosed, MsgReader, MsgSender
+from nephele.handoff.ramcheck import SentPages
+from nephele.node.guestram import GuestRam
 from nephele.vmstate import (
     PAGE_SIZE,
     DeviceTail,
@@ -58,10 +60,13 @@ from nephele.vmstate import (
     Opaque,
     Page,
     RamBlocks,
+    SectionEnd,
     SectionStart,
     StreamEnd,
     ZeroPage,
+    event_bytes,
 )
+from nephele.vmstate.stream import SEC_END, SEC_FOOTER
 
 TARGETS = 1
 OPAQUE = 2
@@ -79,9 +84,14 @@ ACK = 22  # u64: stream bytes delivered to the destination QEMU (progress, not f
 RAM_ZERO = 0x002
 RAM_PAGE = 0x008
 RAM_CONTINUE = 0x020
+MAIN_RAM = "pc.ram"  # the block the switchover check reads from the guest's memfd
 RUN_MAX = 512  # pages per PAGES message (2 MiB before encoding)
 _U64 = struct.Struct(">Q")
 _PAGES_HEAD = struct.Struct(">HI")
+
+
+def _footer(section_id: int) -> bytes:
+    return bytes((SEC_FOOTER,)) + section_id.to_bytes(4, "big")
 
 
 def mem_ref_id(block: str) -> str:
@@ -93,6 +103,8 @@ class MemoryStats:
     """What the memory channel did, on either end."""
 
     stream_bytes: int = 0  # QEMU stream bytes (read at the source, written at the destination)
+    corrected: int = 0  # pages QEMU never resent after the guest changed them (switchover check)
+    checked: bool = False  # the switchover check ran (the guest's RAM was readable)
     wan_out: int = 0
     wan_in: int = 0
     pages: int = 0
@@ -165,8 +177,14 @@ class MemorySource:
         codec: str = "zstd",  # a WAN link is slower than zstd -3 on one core; lz4 for fast links
         on_iteration: Callable[[int], None] | None = None,
         dump: Any = None,
+        guest_ram: Callable[[], GuestRam | None] | None = None,
     ) -> None:
         self.dump = dump  # debugging: a file that receives the raw stream
+        self.guest_ram = guest_ram  # the switchover check reads the true RAM through it (ramcheck.py)
+        self._check: SentPages | None = None
+        self._final = False  # inside the ram END section (the VM is stopped) with a switchover check
+        self._held: list[bytes] = []  # stream bytes after the END section's last page (its EOS, footer)
+        self._emitted = 0  # stream bytes as the destination rebuilds them (QEMU's plus corrections)
         self.qemu = qemu
         self.wan = wan
         self.tx = MsgSender(wan)
@@ -198,6 +216,12 @@ class MemorySource:
             self._targets[name] = self._enc.begin_target(f"ram{len(info)}", "memory", size, base)
             self._seen.append(np.zeros(-(-size // PAGE_SIZE), np.bool_))
             info.append({"name": name, "size": size})
+            if name == MAIN_RAM and self.guest_ram is not None and self._check is None:
+                ram = self.guest_ram()
+                if ram is not None and ram.size == size:
+                    self._check = SentPages(name, size, ram)
+                elif ram is not None:
+                    ram.close()
         self.tx.send(TARGETS, json.dumps({"blocks": info}).encode() + b"\n" + self._cap.take())
 
     def _flush_opaque(self) -> None:
@@ -229,13 +253,19 @@ class MemorySource:
                 heads[i] = ev.offset | RAM_ZERO | cont
                 fills.append(ev.fill)
         check = 0
+        track = self._check if self._check is not None and self._check.block == block else None
         if nums:
             raw = b"".join(datas)
             check = xxhash.xxh3_64_intdigest(raw)
             data = np.frombuffer(raw, np.uint8).reshape(-1, PAGE_SIZE)
-            self._enc.put_blocks(tidx, np.array(nums, np.int64), data)
+            numbers = np.array(nums, np.int64)
+            self._enc.put_blocks(tidx, numbers, data)
+            if track is not None:
+                track.pages(numbers, data)
         seen = self._seen[tidx]
         idx = (heads.astype(np.uint64) >> np.uint64(12)).astype(np.int64)
+        if track is not None and fills:
+            track.fills(idx[(heads & np.uint64(RAM_ZERO)) != 0], fills)
         self._seen_count += int((~seen[idx]).sum())
         seen[idx] = True
         self.stats.pages += len(nums)
@@ -317,27 +347,33 @@ class MemorySource:
                 data = self.qemu.recv(1 << 20)
                 if not data:
                     break
-                self._sha.update(data)
                 if self.dump is not None:
                     self.dump.write(data)
                 self.stats.stream_bytes += len(data)
                 for ev in parser.feed(data):
                     t = type(ev)
+                    if t is Opaque and self._final:
+                        self._held.append(bytes(ev.data))  # type: ignore[union-attr]
+                        continue
                     if t is Page or t is ZeroPage:
+                        if self._held:
+                            self._release_held()
+                        self._hash(event_bytes(ev))  # type: ignore[arg-type]
                         if self._opaque:
                             self._flush_opaque()
                         self._add_page(ev)  # type: ignore[arg-type]
                     elif t is Opaque:
-                        if self._run:
-                            self._flush_run()
-                        self._opaque += ev.data  # type: ignore[union-attr]
-                        if len(self._opaque) >= 1 << 20:
-                            self._flush_opaque()
+                        self._opaque_in(ev.data)  # type: ignore[union-attr]
                     elif t is RamBlocks:
                         self._flush_all()
                         self._send_delta_header(ev.blocks)  # type: ignore[union-attr]
+                    elif t is SectionEnd:
+                        if self._final:
+                            self._final = False
+                            self._switchover_check(ev.section_id)  # type: ignore[union-attr]
                     elif t is SectionStart:
                         self._flush_all()
+                        self._final = ev.kind == SEC_END and self._check is not None  # type: ignore[union-attr]
                         self.stats.sections = ev.iteration  # type: ignore[union-attr]
                         if self.on_iteration is not None:
                             self.on_iteration(ev.iteration)  # type: ignore[union-attr]
@@ -365,6 +401,8 @@ class MemorySource:
             self.stats.wan_out = self.tx.bytes
             if self._refset is not None:
                 self._refset.close()
+            if self._check is not None:
+                self._check.close()
             if self.dump is not None:
                 self.dump.close()
             for s in (self.qemu, self.wan):
@@ -372,13 +410,59 @@ class MemorySource:
                     s.close()
         return self.stats
 
+    def _hash(self, b: bytes | memoryview) -> None:
+        self._sha.update(b)
+        self._emitted += len(b)
+
+    def _opaque_in(self, data: bytes | memoryview) -> None:
+        if self._run:
+            self._flush_run()
+        self._hash(data)
+        self._opaque += data
+        if len(self._opaque) >= 1 << 20:
+            self._flush_opaque()
+
+    def _release_held(self) -> None:
+        held, self._held = self._held, []
+        for b in held:
+            self._opaque_in(b)
+
+    def _switchover_check(self, section_id: int) -> None:
+        """The ram END section is complete and the VM is stopped: before its EOS, send every page of the
+        main RAM whose true content differs from what the destination holds (ramcheck.py). Inside the
+        section, so the rebuilt stream stays one QEMU would write."""
+        chk = self._check
+        assert chk is not None
+        held = b"".join(self._held)
+        self._held = []
+        cut = len(held) - 8 - (5 if held.endswith(_footer(section_id)) else 0)
+        if cut < 0:
+            raise HandoffError("memory stream: the ram END section does not end with EOS")
+        if cut:
+            self._opaque_in(held[:cut])
+        self._flush_run()
+        stale = chk.stale()
+        self.stats.checked = True
+        self.stats.corrected = len(stale)
+        for start in range(0, len(stale), RUN_MAX):
+            nums = stale[start : start + RUN_MAX]
+            data = chk.read(nums)
+            for i, n in enumerate(nums.tolist()):
+                # the first record names its block: QEMU's last one may have been another block's
+                ev = Page(chk.block, n * PAGE_SIZE, data[i].tobytes(), i > 0 or start > 0)
+                self._hash(event_bytes(ev))
+                if self._opaque:
+                    self._flush_opaque()
+                self._add_page(ev)
+        self._opaque_in(held[cut:])
+
     def _finish(self) -> None:
         self._flush_all()
         if self._enc is None:
             raise HandoffError("memory stream ended without a MEM_SIZE record")
         self.stats.delta = self._enc.finish()
         self.stats.sha256 = self._sha.hexdigest()
-        end = bytes.fromhex(self.stats.sha256) + _U64.pack(self.stats.stream_bytes)
+        end = bytes.fromhex(self.stats.sha256) + _U64.pack(self._emitted)
         self.tx.send(PAGES, _PAGES_HEAD.pack(0xFFFF, 0) + self._cap.take())  # the delta END frame
         self.tx.send(END, end)
 

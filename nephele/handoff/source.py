@@ -29,7 +29,8 @@ from nephele.handoff import refs as refsmod
 from nephele.handoff.forward import ForwardStats, NbdTap, forward
 from nephele.handoff.memory import MemorySource, MemoryStats
 from nephele.node import domain as dx
-from nephele.node import images, instances, migrate
+from nephele.node import guestram, images, instances, migrate
+from nephele.node.guestram import GuestRam
 from nephele.node.runtime import NodeContext
 
 PROGRESS_PREFIX = "@handoff "
@@ -95,6 +96,7 @@ class _Proxies:
         self.errors: list[str] = []
         self.listeners: list[socket.socket] = []
         self.dump_path: Path | None = None
+        self.guest_ram: Callable[[], GuestRam | None] | None = None  # the switchover check's RAM
         self.closed = threading.Event()
 
     def listen(self, port: int, serve: Callable[[socket.socket], None]) -> int:
@@ -143,7 +145,7 @@ class _Proxies:
         dump = None
         if self.dump_path is not None and self.dump_path.with_suffix(".on").exists():
             dump = open(self.dump_path, "wb")  # noqa: SIM115
-        self.memory = MemorySource(c, wan, self.refs, dump=dump)
+        self.memory = MemorySource(c, wan, self.refs, dump=dump, guest_ram=self.guest_ram)
         self.memory_stats = self.memory.run()
 
     def serve_disk(self, c: socket.socket) -> None:
@@ -238,6 +240,7 @@ def send(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
     refs = {k: v for k, v in refsmod.prepare(ctx.store, image).items() if k in ref_ids}
     proxies = _Proxies(dest, hid, token, refs)
     proxies.dump_path = ctx.store.root / "debug" / "memory-stream.bin"  # written if memory-stream.on exists
+    proxies.guest_ram = lambda: guestram.open_main_ram(uuid)
     mark = migrate.LifecycleMark()
     unwatch = None
     dom = hv.lookup(uuid)

@@ -75,6 +75,10 @@ def build_xml(spec: DomainSpec) -> str:
         meta = ET.SubElement(dom, "metadata")
         meta.append(tag_element(spec.tags))
     ET.SubElement(dom, "memory", {"unit": "KiB"}).text = str(spec.memory_kib)
+    # RAM in a memfd: a handoff reads the true guest memory at the switchover (guestram.py)
+    backing = ET.SubElement(dom, "memoryBacking")
+    ET.SubElement(backing, "source", {"type": "memfd"})
+    ET.SubElement(backing, "access", {"mode": "shared"})
     ET.SubElement(dom, "vcpu").text = str(spec.cpus)
     os_el = ET.SubElement(dom, "os")
     ET.SubElement(os_el, "type", {"arch": "x86_64", "machine": "pc"}).text = "hvm"
