@@ -24,6 +24,16 @@ def fmt_progress(ev: dict[str, Any]) -> str:
     )
 
 
+def switchover_line(mem: dict[str, Any]) -> str:
+    """What the switchover check (ramcheck.py) found: pages QEMU never resent after the guest wrote them."""
+    if not mem.get("checked"):
+        return "RAM check at switchover: not available (the instance's RAM is not in a memfd)"
+    n = int(mem.get("corrected") or 0)
+    if n == 0:
+        return "RAM check at switchover: every page matched the source's memory"
+    return f"RAM check at switchover: {n} stale page(s) QEMU had not resent were sent before resuming"
+
+
 def render_result(res: HandoffResult) -> str:
     d = res.destination
     blocks = d.get("table_blocks", {})
@@ -43,6 +53,7 @@ def render_result(res: HandoffResult) -> str:
         + ", ".join(f"{k} {v / MiB:.2f}" for k, v in sorted(wire.items()))
         + ")",
         f"Downtime: {'-' if dt is None else f'{dt:.3f} s'}",
+        switchover_line(res.source.get("memory") or {}),
         "",
         table(mem, disk),  # type: ignore[arg-type]
         "",

@@ -96,6 +96,7 @@ def test_live_handoff_moves_a_running_guest(cloudlet: Cloudlet, instance: dict[s
         assert "MEMORY" in text and "DISK" in text and "Status: completed" in text
         assert (b.host_root / "logs" / os.path.basename(d["log_file"])).is_file()
         assert res.source["memory"]["wan_out"] < res.source["memory"]["stream_bytes"]
+        assert res.source["memory"]["checked"]  # the switchover check read the guest's RAM (memfd)
     finally:
         cloudlet.set_link(20)
 

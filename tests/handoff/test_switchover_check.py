@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from nephele.handoff.memory import MemoryDestination, MemorySource, mem_ref_id
+from nephele.handoff.report import switchover_line
 from nephele.node.guestram import GuestRam
 from nephele.vmstate import stream as s
 from tests.handoff.test_memory_synthetic import BLOCKS, make_stream
@@ -142,3 +143,9 @@ def test_ram_of_another_size_is_not_used(
     assert dst.verified  # type: ignore[attr-defined]
     assert not src.stats.checked
     assert got == stream
+
+
+def test_the_report_says_what_the_check_found() -> None:
+    assert "not available" in switchover_line({})
+    assert "every page matched" in switchover_line({"checked": True, "corrected": 0})
+    assert "3 stale page(s)" in switchover_line({"checked": True, "corrected": 3})
