@@ -19,7 +19,7 @@ from nephele.errors import ManifestError, Problem
 from nephele.manifest import schema, xref
 from nephele.manifest.build import build
 from nephele.manifest.units import parse_duration, parse_size
-from nephele.manifest.yamlpos import format_path, parse
+from nephele.manifest.yamlpos import end_of, format_path, parse
 from nephele.model import Desired
 
 __all__ = ["check", "load", "loads", "parse_duration", "parse_size", "schema_document"]
@@ -54,9 +54,10 @@ def check(text: str, filename: str = "<string>") -> tuple[Desired | None, list[P
     """(desired, []) for a valid manifest, (None, every problem) otherwise. Never raises for bad input."""
     data, positions, problems = parse(text, filename)
     if data is None:
-        if not problems:  # a document that is only `~` or `null`
-            pos = positions.value(())
-            problems = [Problem(filename, pos.line, pos.col, "", "the manifest is null, not a mapping")]
+        if not problems:  # a document that is only `~`, `null` or `---`
+            # an empty node after `---` starts past the last character: report it at the end instead
+            at = min((positions.value(()).line, positions.value(()).col), end_of(text))
+            problems = [Problem(filename, *at, "", "the manifest is null, not a mapping")]
         return None, problems
     unreadable = {format_path(p) for p in positions.unreadable}
     later = schema.check(data, positions) + xref.check(data, positions)

@@ -171,6 +171,11 @@ def _line_col(text: str, position: int) -> tuple[int, int]:
     return line, position - start + 1
 
 
+def end_of(text: str) -> tuple[int, int]:
+    """(line, column) just after the last character of `text`."""
+    return _line_col(text, len(text))
+
+
 class _Walker:
     def __init__(self, positions: Positions) -> None:
         self.positions = positions

@@ -194,7 +194,7 @@ def test_nested_aliases_are_bounded() -> None:
 def test_null_document_has_a_located_problem() -> None:
     """Found by `make fuzz`: a manifest that is only `~` (YAML null) raised a ManifestError with no
     problem and an empty message."""
-    for text in ("~", "null\n", "  ~\n# nothing else\n"):
+    for text in ("~", "null\n", "  ~\n# nothing else\n", "---", "--- ~"):
         try:
             manifest.loads(text, "m.yaml")
         except ManifestError as exc:
