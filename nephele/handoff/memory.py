@@ -261,7 +261,7 @@ class MemorySource:
             numbers = np.array(nums, np.int64)
             self._enc.put_blocks(tidx, numbers, data)
             if track is not None:
-                track.pages(numbers, data)
+                track.pages(numbers, raw)
         seen = self._seen[tidx]
         idx = (heads.astype(np.uint64) >> np.uint64(12)).astype(np.int64)
         if track is not None and fills:
