@@ -11,6 +11,10 @@ All nodes of a local cloudlet share this machine's CPUs: each `observe` starts a
 node, so with more nodes than cores the agents' own start-up CPU time, not the controller, bounds the
 parallel time. The header prints the CPU count and load so the figures can be read in that light.
 
+A fourth round per size says where the CPU goes: the controller's own CPU time (all its threads), and
+the nodes' (each node's sshd session, shell and agent: the cumulative child CPU time of its sshd in
+/proc). Their sum over the machine's CPUs is a floor under the parallel time of that size.
+
 Target (issue 6): 8 nodes within 2 x the time of 1 (parallel fan-out, not one node after another).
 Needs root (network namespaces, libvirtd, sshd per node), like the integration tests.
 
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -54,6 +59,34 @@ def timed_observe(d: Desired, pool: TransportPool) -> float:
     return elapsed
 
 
+def cpu_seconds() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def node_cpu(c: Cloudlet, names: list[str]) -> float:
+    """CPU seconds of everything the nodes' sshds ran and reaped so far (each session: sshd's own
+    child, the shell, the agent), from the sshd daemons' cumulative child times in /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for name in names:
+        pid = int(c.node(name).sshd_pidfile.read_text().split()[0])
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[13]) + int(fields[14])) / tick  # cutime, cstime
+    return total
+
+
+def cpu_round(c: Cloudlet, d: Desired, pool: TransportPool) -> tuple[float, float]:
+    """(controller CPU s, the nodes' CPU s: sshd sessions and agents) of one warm round."""
+    timed_observe(d, pool)  # connections open
+    names = list(d.nodes)
+    n0, t0 = node_cpu(c, names), cpu_seconds()
+    timed_observe(d, pool)
+    controller = cpu_seconds() - t0
+    time.sleep(0.2)  # the sessions' processes are reaped just after their answers
+    return controller, node_cpu(c, names) - n0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="1,4,8", help="node counts (default 1,4,8)")
@@ -68,6 +101,7 @@ def main() -> int:
     c = Cloudlet.up(f"ob{os.getpid() % 100000}", max(sizes), rate_mbit=1000, delay_ms=0, workdir=WORKDIR)
     up_s = time.perf_counter() - t0
     rows: list[tuple[int, float, float, float]] = []
+    cpu: dict[int, tuple[float, float]] = {}
     try:
 
         def factory(spec):  # type: ignore[no-untyped-def]
@@ -85,6 +119,9 @@ def main() -> int:
                 serial.append(sum(timed_observe(desired_one(d, name), pool) for name in d.nodes))
                 pool.close()
             rows.append((n, statistics.median(cold), statistics.median(warm), statistics.median(serial)))
+            pool = TransportPool(d, factory)
+            cpu[n] = cpu_round(c, d, pool)
+            pool.close()
     finally:
         c.down()
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
@@ -98,6 +135,12 @@ def main() -> int:
     )
     for n, cold_s, warm_s, serial_s in rows:
         print(f"{n:>5}  {cold_s:>20.3f} s  {warm_s:>12.3f} s  {serial_s:>17.3f} s")
+    print()
+    print(f"{'nodes':>5}  {'controller CPU':>14}  {'nodes CPU':>9}  {'per node':>8}  {'CPU floor':>9}")
+    ncpu = os.cpu_count() or 1
+    for n, (ctl, nodes_cpu) in sorted(cpu.items()):
+        floor = (ctl + nodes_cpu) / min(ncpu, n + 1)
+        print(f"{n:>5}  {ctl:>12.3f} s  {nodes_cpu:>7.3f} s  {nodes_cpu / n:>6.3f} s  {floor:>7.3f} s")
     base = {r[0]: r for r in rows}
     lo, hi = min(sizes), max(sizes)
     cold_ratio = base[hi][1] / base[lo][1]
