@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from nephele.errors import DeltaError, InvalidInput, NepheleError, NodeError, NotFound, VmStateError
-from nephele.node import images, snapshots
+from nephele.node import images, snapshots, space
 from nephele.node.runtime import NodeContext
 from nephele.node.store import IMAGE_FORMAT, ImageRecord, content_id, hash_files
 
@@ -319,6 +319,11 @@ def _read_doc(zf: zipfile.ZipFile, raw: str) -> dict[str, Any]:
     return doc
 
 
+def _size(info: dict[str, Any]) -> int:
+    size = info.get("size")
+    return size if isinstance(size, int) and size >= 0 else 0
+
+
 def _extract(zf: zipfile.ZipFile, name: str, dest: Path, raw: str) -> None:
     try:
         with zf.open(name) as src, open(dest, "wb") as out:
@@ -341,6 +346,13 @@ def _decode(inp: BinaryIO, refs: dict[str, Path], outputs: dict[str, Path], raw:
 
 
 def import_delta(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
+    try:
+        return _import_delta(ctx, args)
+    finally:
+        images.discard_upload(ctx, args)  # a spent upload in tmp/ goes, as after image.import
+
+
+def _import_delta(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
     zf, raw, src = images.open_export(args, "image")
     with zf, ctx.store.staging("copyimport") as stage, ctx.store.staging("copywork") as work:
         doc = _read_doc(zf, raw)
@@ -362,8 +374,19 @@ def import_delta(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
                 f"image import_delta: {raw}: this node cannot derive reference(s) {', '.join(missing)} "
                 "from the images it holds"
             )
-        _extract(zf, DELTA, work / DELTA, raw)
         pages = doc["memory"]["mode"] == "pages"
+        # The image's files, plus the delta, skeleton and page payloads while it is rebuilt.
+        scratch = images.member_bytes(zf, [DELTA, SKELETON, OFFSETS])
+        if pages:
+            scratch += _size(files[MEMORY])
+        space.require(
+            stage,
+            sum(_size(v) for v in files.values()) + scratch,
+            what=f"image import_delta {raw}",
+            node=ctx.hostname,
+            detail=f"for {len(files)} files and the delta",
+        )
+        _extract(zf, DELTA, work / DELTA, raw)
         outputs: dict[str, Path] = {}
         for name in sorted(files):
             if name == MEMORY and pages:

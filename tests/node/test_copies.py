@@ -113,8 +113,11 @@ def test_delta_copy_sends_only_what_the_receiver_lacks(nodes: Any, tmp_path: Pat
     rec = images.resolve(bnode.store, new.content_id)
     assert files_of(rec) == files_of(new)
     assert rec.meta["imported"]["delta_against"] == [old.content_id]
-    # Again: the image is there already; nothing changes.
-    again = copies.import_delta(bnode, {"path": res["file"]})
+    # Again, uploaded into tmp/ as the controller does: the image is there already, nothing changes,
+    # and the spent upload is removed.
+    upload = bnode.store.tmp / "nephele-image-tiny-2-0123abcd.zip"
+    upload.write_bytes(Path(res["file"]).read_bytes())
+    again = copies.import_delta(bnode, {"path": str(upload)})
     assert not again["created_new"]
     assert list(bnode.store.tmp.iterdir()) == []
 
@@ -206,3 +209,20 @@ def test_discard_removes_only_a_copys_file_in_tmp(tmp_path: Path) -> None:
         with pytest.raises(InvalidInput):
             copies.discard(ctx, {"path": bad})
     assert other.exists()
+
+
+def test_no_room_for_the_rebuilt_image_is_refused_up_front(
+    nodes: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from nephele.errors import NoSpace
+    from nephele.node import space
+
+    a, bnode, old, new = nodes
+    res = copies.export_delta(
+        a, {"id": new.content_id, "dest": str(tmp_path / "d.zip"), "refs": [old.content_id]}
+    )
+    monkeypatch.setattr(space, "free_bytes", lambda path: 1 << 20)
+    with pytest.raises(NoSpace, match=r"image import_delta .* not enough disk space"):
+        copies.import_delta(bnode, {"path": res["file"]})
+    assert new.content_id not in [r.content_id for r in bnode.store.list_images()]
+    assert list(bnode.store.tmp.iterdir()) == []
