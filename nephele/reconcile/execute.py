@@ -406,17 +406,16 @@ class _Runner:
         remote = self.tmp_path(a.node, kind, a.name)
         progress(f"uploading {local.name} ({mib(local.stat().st_size)})")
         self.transports(a.node).put_file(local, remote)
-        try:
-            self.call(a.node, f"{kind}.import", {"path": remote, "name": a.name}, progress)
-        finally:
-            self.discard(a.node, remote)
+        # The import removes its upload from tmp/ (node/images.discard_upload).
+        self.call(a.node, f"{kind}.import", {"path": remote, "name": a.name}, progress)
         return f"from {a.source}"
 
     def tmp_path(self, node: str, kind: str, name: str) -> str:
         return f"{self.d.nodes[node].root}/tmp/nephele-{kind}-{name}-{uuid.uuid4().hex[:8]}.zip"
 
     def discard(self, node: str, path: str) -> None:
-        """Remove a copy's file from the node's tmp/ (best effort: a node without the op keeps it)."""
+        """Remove an export from the source node's tmp/ once fetched (best effort: a node without the
+        op keeps it). The target needs no such call: an import removes its own upload."""
         with contextlib.suppress(NepheleError):
             Agent(self.transports(node)).call(
                 "copy.discard", {"path": path}, timeout=self.opts.observe_timeout
@@ -464,8 +463,6 @@ class _Runner:
                     progress(f"{a.node} has no {imp}: copying the whole {kind}")
                     continue
                 raise
-            finally:
-                self.discard(a.node, remote)
             return f"from {a.source_node}, {copy_note(mode, sent, res)}"
         raise ActionFailed(f"{a.address}: no way to copy it from {a.source_node}")  # pragma: no cover
 

@@ -225,6 +225,7 @@ class FakeCloudlet:
             case "image.import" | "snapshot.import" | "image.import_delta":
                 if args["path"] not in n.files:
                     raise RemoteError("invalid_input", f"{args['path']}: no such file")
+                n.files.discard(args["path"])  # an import removes its upload, as the node's does
                 if op in ("image.import", "image.import_delta"):
                     n.images[args["name"]] = CID
                 else:
