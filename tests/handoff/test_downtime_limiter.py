@@ -4,6 +4,7 @@ of the budget for what follows the last pages (device state, switchover check, l
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 from nephele.handoff.source import FIRST_PASS_DOWNTIME_MS, RESERVE, _DowntimeLimiter
@@ -56,3 +57,26 @@ def test_small_samples_change_nothing() -> None:
     any_.update(1000, 1000)
     any_.update(2000, 2000)
     assert mig.limits == []
+
+
+def test_what_the_pipeline_holds_comes_off_the_budget() -> None:
+    plain, m1 = limiter(2000)
+    held, m2 = limiter(2000)
+    stream = wire = 0
+    for _ in range(4):
+        time.sleep(0.05)
+        stream += 4 << 20
+        wire += 2 << 20
+        plain.update(stream, wire)
+        held.update(stream, wire, backlog=2 << 20)
+    assert 0 < m2.limits[-1] < m1.limits[-1]
+
+
+def test_a_backlog_longer_than_the_budget_leaves_the_first_pass_limit() -> None:
+    lim, mig = limiter(2000)
+    stream = 0
+    for _ in range(4):
+        time.sleep(0.05)
+        stream += 4 << 20
+        lim.update(stream, stream, backlog=1 << 30)
+    assert lim.current == FIRST_PASS_DOWNTIME_MS and set(mig.limits) <= {FIRST_PASS_DOWNTIME_MS}
