@@ -28,6 +28,7 @@ wait for data that only comes after them (the deadlock in reference LIBVIRT-PROX
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import json
@@ -79,7 +80,14 @@ ABORT = 8
 # destination -> source
 RETURN = 20
 ERROR = 21
-ACK = 22  # u64: stream bytes delivered to the destination QEMU (progress, not flow control)
+ACK = 22  # u64: channel bytes the destination has read (what really crossed the link; every ACK_EVERY s)
+ACK_EVERY = 0.05
+# The source keeps at most this much of the link's recent rate in flight (sent, not yet read at the
+# destination), so the network's buffers cannot hold seconds of data that would only drain after the VM
+# stopped (2 s of a 2.9 s downtime measured through a path with MiBs of socket buffers).
+FLIGHT_SECONDS = 0.25
+FLIGHT_MIN = 256 << 10
+FLIGHT_STALL = 10.0  # no ACK progress for this long: stop waiting for them (TCP still flow-controls)
 
 RAM_ZERO = 0x002
 RAM_PAGE = 0x008
@@ -105,6 +113,11 @@ class MemoryStats:
     stream_bytes: int = 0  # QEMU stream bytes (read at the source, written at the destination)
     corrected: int = 0  # pages QEMU never resent after the guest changed them (switchover check)
     checked: bool = False  # the switchover check ran (the guest's RAM was readable)
+    # the switchover as the source proxy saw it (wall clock): the ram END section began (the VM is stopped),
+    # the check was done, the stream ended; against stopped_at and the destination's resume
+    final_at: float | None = None
+    checked_at: float | None = None
+    ended_at: float | None = None
     wan_out: int = 0
     wan_in: int = 0
     pages: int = 0
@@ -204,6 +217,11 @@ class MemorySource:
         self._sha = hashlib.sha256()
         self.done = threading.Event()
         self.remote_error: str | None = None
+        # channel bytes the destination has read: tx.bytes minus this is still in the network's buffers
+        # (socket buffers, a proxy, a router queue), where it delays the switchover
+        self.acked = 0
+        self._acks: collections.deque[tuple[float, int]] = collections.deque()
+        self._ack_cond = threading.Condition()
 
     # -- sending -------------------------------------------------------------------------------------
     def _send_delta_header(self, blocks: tuple[tuple[str, int], ...]) -> None:
@@ -224,8 +242,39 @@ class MemorySource:
                     ram.close()
         self.tx.send(TARGETS, json.dumps({"blocks": info}).encode() + b"\n" + self._cap.take())
 
+    def _on_ack(self, n: int) -> None:
+        now = time.monotonic()
+        with self._ack_cond:
+            self.acked = n
+            self._acks.append((now, n))
+            while len(self._acks) > 2 and now - self._acks[1][0] >= 1.0:
+                self._acks.popleft()
+            self._ack_cond.notify_all()
+
+    def link_rate(self) -> float:
+        """Bytes per second the destination read over the last second (0: not known yet)."""
+        with self._ack_cond:
+            if len(self._acks) < 2:
+                return 0.0
+            (t0, a0), (t1, a1) = self._acks[0], self._acks[-1]
+        return (a1 - a0) / (t1 - t0) if t1 > t0 else 0.0
+
+    def _wait_for_room(self) -> None:
+        """Hold the next message while more than FLIGHT_SECONDS of the link's rate is in flight."""
+        rate = self.link_rate()
+        if rate <= 0:
+            return
+        window = max(FLIGHT_MIN, rate * FLIGHT_SECONDS)
+        deadline = time.monotonic() + FLIGHT_STALL
+        with self._ack_cond:
+            while self.tx.bytes - self.acked > window and not self.done.is_set():
+                if self.remote_error or time.monotonic() > deadline:
+                    return
+                self._ack_cond.wait(0.05)
+
     def _flush_opaque(self) -> None:
         if self._opaque:
+            self._wait_for_room()
             self.tx.send(OPAQUE, _lz4(bytes(self._opaque)))
             self._opaque.clear()
 
@@ -270,6 +319,7 @@ class MemorySource:
         seen[idx] = True
         self.stats.pages += len(nums)
         self.stats.zero_records += len(run) - len(nums)
+        self._wait_for_room()
         payload = (
             _PAGES_HEAD.pack(tidx, len(run))
             + heads.tobytes()
@@ -325,8 +375,8 @@ class MemorySource:
                 elif mtype == ERROR:
                     self.remote_error = payload.decode(errors="replace")
                     break
-                elif mtype == ACK:
-                    pass
+                elif mtype == ACK and len(payload) == 8:
+                    self._on_ack(_U64.unpack(payload)[0])
         except (OSError, NepheleError) as exc:
             if not self.done.is_set():
                 self.remote_error = self.remote_error or f"memory channel: {exc}"
@@ -374,6 +424,8 @@ class MemorySource:
                     elif t is SectionStart:
                         self._flush_all()
                         self._final = ev.kind == SEC_END and self._check is not None  # type: ignore[union-attr]
+                        if ev.kind == SEC_END:  # type: ignore[union-attr]
+                            self.stats.final_at = time.time()
                         self.stats.sections = ev.iteration  # type: ignore[union-attr]
                         if self.on_iteration is not None:
                             self.on_iteration(ev.iteration)  # type: ignore[union-attr]
@@ -442,6 +494,7 @@ class MemorySource:
             self._opaque_in(held[:cut])
         self._flush_run()
         stale = chk.stale()
+        self.stats.checked_at = time.time()
         self.stats.checked = True
         self.stats.corrected = len(stale)
         for start in range(0, len(stale), RUN_MAX):
@@ -465,6 +518,7 @@ class MemorySource:
         end = bytes.fromhex(self.stats.sha256) + _U64.pack(self._emitted)
         self.tx.send(PAGES, _PAGES_HEAD.pack(0xFFFF, 0) + self._cap.take())  # the delta END frame
         self.tx.send(END, end)
+        self.stats.ended_at = time.time()
 
 
 # ------------------------------------------------------------------------------------------- destination
@@ -647,7 +701,7 @@ class MemoryDestination:
             self._connect_qemu()
             back = threading.Thread(target=self._return_path, name="handoff-return-path", daemon=True)
             back.start()
-            last = 0.0
+            last = last_ack = 0.0
             while True:
                 if not rx.pending() and self._writer is not None:
                     self._writer.flush()  # never block on the channel with stream bytes held back
@@ -656,6 +710,10 @@ class MemoryDestination:
                     break
                 mtype, payload = msg
                 self.stats.wan_in = rx.bytes
+                if time.monotonic() - last_ack >= ACK_EVERY:
+                    last_ack = time.monotonic()
+                    with contextlib.suppress(OSError):
+                        self.tx.send(ACK, _U64.pack(rx.bytes))
                 if mtype == OPAQUE:
                     assert self._writer is not None
                     self._writer.raw(_unlz4(payload))

@@ -186,10 +186,11 @@ class _DowntimeLimiter(threading.Thread):
     QEMU stopped the VM in the middle of its first pass and sent the rest, fresh data included, during the
     "downtime" (13.8 s measured for a 2 s budget). So: a tiny limit until every page was sent once, then
     the budget scaled by the recent wire/stream ratio, so that QEMU stops only when what remains would fit
-    in the budget even if none of it compressed. Less what the pipeline already holds: stream bytes QEMU
-    counts as sent sit in its socket buffer (up to a few MiB on loopback) and cross the link only after the
-    stop (0.9 s of a 1.7 s downtime measured at 20 Mbit/s). Its own thread: libvirt calls may wait on the
-    migration."""
+    in the budget even if none of it compressed. Less the time to drain what the pipeline already holds,
+    at the link rate the destination's ACKs show: stream bytes QEMU counts as sent that still sit in its
+    socket buffer (0.9 s of a 1.7 s downtime at 20 Mbit/s), and channel bytes sent but not yet read at the
+    destination (socket buffers, proxies, router queues: 2 s of a 2.7 s downtime through a bloated path).
+    Its own thread: libvirt calls may wait on the migration."""
 
     WINDOW = 2.0
     PERIOD = 0.5
@@ -200,7 +201,7 @@ class _DowntimeLimiter(threading.Thread):
         self.budget = budget_ms
         self.current = FIRST_PASS_DOWNTIME_MS
         self.proxies = proxies
-        self.samples: list[tuple[float, int, int]] = []
+        self.samples: list[tuple[float, int, int, int]] = []
         self.history: list[tuple[float, int]] = []
 
     def run(self) -> None:
@@ -208,20 +209,26 @@ class _DowntimeLimiter(threading.Thread):
             mem = self.proxies.memory
             if mem is not None and mem.first_pass_done:
                 processed = int(self.mig.job().get("memory_processed") or 0)
-                self.update(mem.stats.stream_bytes, mem.tx.bytes, max(0, processed - mem.stats.stream_bytes))
+                backlog = max(0, processed - mem.stats.stream_bytes)
+                # no ACK yet (a destination that does not send them): assume nothing is in flight
+                self.update(mem.stats.stream_bytes, mem.tx.bytes, backlog, mem.acked or None)
 
-    def update(self, stream: int, wire: int, backlog: int = 0) -> None:
-        """stream: QEMU stream bytes the proxy read; wire: bytes it sent; backlog: stream bytes QEMU has
-        written that the proxy has not read yet."""
+    def update(self, stream: int, wire: int, backlog: int = 0, acked: int | None = None) -> None:
+        """stream: QEMU stream bytes the proxy read; wire: channel bytes it sent; backlog: stream bytes QEMU
+        has written that the proxy has not read yet; acked: channel bytes the destination has read."""
         now = time.monotonic()
-        self.samples.append((now, stream, wire))
+        self.samples.append((now, stream, wire, wire if acked is None else acked))
         while len(self.samples) > 2 and now - self.samples[1][0] >= self.WINDOW:
             self.samples.pop(0)
-        t0, s0, w0 = self.samples[0]
+        t0, s0, w0, a0 = self.samples[0]
         ds, dw = stream - s0, wire - w0
         if ds < (256 << 10):
             return  # too little data to judge
-        drain_ms = 1000 * backlog * (now - t0) / ds  # the backlog at the recent stream rate
+        rate = (self.samples[-1][3] - a0) / (now - t0) if now > t0 else 0.0  # what crossed the link, B/s
+        if rate <= 0:
+            rate = dw / (now - t0) if now > t0 and dw > 0 else 0.0
+        inflight = max(0, wire - self.samples[-1][3])
+        drain_ms = 1000 * (backlog * dw / ds + inflight) / rate if rate > 0 else 0.0
         data_ms = max(0.0, self.budget * (1 - RESERVE) - drain_ms)
         limit = int(min(self.budget, max(FIRST_PASS_DOWNTIME_MS, data_ms * min(1.0, dw / ds))))
         if abs(limit - self.current) > 0.1 * self.current:

@@ -80,3 +80,16 @@ def test_a_backlog_longer_than_the_budget_leaves_the_first_pass_limit() -> None:
         stream += 4 << 20
         lim.update(stream, stream, backlog=1 << 30)
     assert lim.current == FIRST_PASS_DOWNTIME_MS and set(mig.limits) <= {FIRST_PASS_DOWNTIME_MS}
+
+
+def test_bytes_sent_but_not_yet_read_at_the_destination_come_off_the_budget() -> None:
+    plain, m1 = limiter(2000)
+    bloated, m2 = limiter(2000)
+    stream = wire = 0
+    for _ in range(4):
+        time.sleep(0.05)
+        stream += 4 << 20
+        wire += 2 << 20
+        plain.update(stream, wire, acked=wire)
+        bloated.update(stream, wire, acked=wire - (1 << 20))  # 1 MiB still in the network's buffers
+    assert 0 < m2.limits[-1] < m1.limits[-1]
