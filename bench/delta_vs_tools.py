@@ -836,11 +836,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\nxfer@R = output bytes over R Mbit/s, in s; total@R = encode wall time + xfer (sequential).")
     print("in MB/s = D1+M1 bytes (D0+M0 for the index) / wall s. RSS = peak resident set of the process")
     print(
-        "nephele decode: wall s = the stream applied and verified, images in the page cache; fsync s = then\n"
-        "close(): fsync of the outputs and their directory, and the rename (the disk's cost, timed apart)."
+        "(file pages it maps count too); anon = peak anonymous memory of its main process (sampled, 10 ms)."
     )
     print(
-        "(file pages it maps count too); anon = peak anonymous memory of its main process (sampled, 10 ms)."
+        "nephele decode: wall s = the stream applied and verified, images in the page cache; fsync s = then\n"
+        "close(): fsync of the outputs and their directory, and the rename (the disk's cost, timed apart)."
     )
     for r in runs:
         if r.method.startswith("nephele") and r.role == "encode" and r.error is None:
