@@ -247,9 +247,9 @@ def check_serve(data: bytes, *, allow_internal: bool = False) -> None:
             assert err["kind"] in KINDS and isinstance(err["message"], str) and err["message"], err
             # `internal` is the agent's catch-all for an exception nobody meant: a bug to fix.
             assert err["kind"] != "internal" or allow_internal, err["message"]
-        # Nothing outside the node root (and the fixtures made above); no staging left in tmp/.
+        # Nothing created or removed outside the node root; no staging left in tmp/.
         after = _tree(sandbox)
-        outside = {p for p in after - before if not p.startswith("root")}
+        outside = {p for p in after ^ before if not p.startswith("root")}
         assert not outside, outside
         assert not (root / "tmp").exists() or list((root / "tmp").iterdir()) == []
 
@@ -257,7 +257,11 @@ def check_serve(data: bytes, *, allow_internal: bool = False) -> None:
 @fuzz(120)
 @given(request_bytes())
 def test_serve_one_answers_any_bytes(data: bytes) -> None:
-    check_serve(data)
+    try:
+        op = json.loads(data).get("op")
+    except (ValueError, AttributeError, RecursionError):
+        op = None
+    check_serve(data, allow_internal=isinstance(op, str) and op in KNOWN_INTERNAL)
 
 
 @pytest.mark.parametrize("op", FUZZ_OPS)
@@ -275,3 +279,45 @@ def test_oversized_request_is_refused_without_reading_it_all(tmp_path: Path) -> 
     response = json.loads(out)
     assert rc == 0 and response["ok"] is False and response["error"]["kind"] == "protocol"
     assert "larger than" in response["error"]["message"]
+
+
+def test_handoff_cleanup_stays_inside_the_node_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by `make fuzz` (serve_one with random arguments): handoff.cleanup joins its `uuid` argument
+    onto <root>/instances/ unchecked and removes what it names. {"uuid": "../images"} removes every image
+    of the node; "../.." would remove the directory holding the node root (/var for /var/nephele); an
+    absolute path removes that path. Owned by nephele/handoff/dest.py (cleanup) and
+    nephele/node/store.py (instance_dir): this test fails until a uuid is checked to be one."""
+    monkeypatch.setenv("NEPHELE_LIBVIRT_URI", "test:///default")
+    root = tmp_path / "root"
+    image = root / "images" / ("ab" * 32)
+    image.mkdir(parents=True)
+    (image / "meta.json").write_text("{}")
+    outside = tmp_path / "precious"
+    outside.mkdir()
+    for uuid in ("../images", str(outside)):
+        request = {"v": 1, "id": "x", "op": "handoff.cleanup", "args": {"root": str(root), "uuid": uuid}}
+        _serve(json.dumps(request).encode(), tmp_path)
+    assert image.is_dir(), "handoff.cleanup removed the node's images"
+    assert outside.is_dir(), "handoff.cleanup removed a directory outside the node root"
+
+
+@pytest.mark.parametrize("op", [op for op in FUZZ_OPS if op != "handoff.cleanup"])
+def test_no_op_follows_a_path_argument_out_of_the_root(
+    op: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every argument set to a path that leads out of instances/ (or out of the root): nothing outside
+    the object the op manages may disappear. (handoff.cleanup: the test above.)"""
+    monkeypatch.setenv("NEPHELE_LIBVIRT_URI", "test:///default")
+    root = tmp_path / "root"
+    image = root / "images" / ("ab" * 32)
+    image.mkdir(parents=True)
+    (image / "meta.json").write_text("{}")
+    outside = tmp_path / "precious"
+    outside.mkdir()
+    (outside / "file").write_text("keep")
+    for value in ("../images", "../..", str(outside), str(outside / "file")):
+        args = {key: value for key in ARG_KEYS if key not in ("lines", "port", "timeout", "cpus")}
+        request = {"v": 1, "id": "x", "op": op, "args": {**args, "root": str(root)}}
+        _rc, out, _ = _serve(json.dumps(request).encode(), tmp_path)
+        assert out.count(b"\n") == 1
+        assert image.is_dir() and outside.is_dir() and (outside / "file").is_file(), (op, value)
