@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import tempfile
+import uuid as _uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -246,6 +247,14 @@ class Store:
     # ------------------------------------------------------------------------------------- instances
 
     def instance_dir(self, uuid: str) -> Path:
+        """The directory of instance uuid; anything but a canonical UUID is refused, since callers remove
+        this path (a fuzzer found `handoff.cleanup {"uuid": "../images"}` removing the node's images)."""
+        try:
+            ok = str(_uuid.UUID(uuid)) == uuid
+        except (ValueError, TypeError, AttributeError):
+            ok = False
+        if not ok:
+            raise InvalidInput(f"{str(uuid)[:80]!r} is not an instance UUID")
         return self.instances / uuid
 
     def remove_instance_dir(self, uuid: str) -> None:
