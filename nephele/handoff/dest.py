@@ -222,6 +222,11 @@ def receive(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
             f"migration stream verified: {ms.stream_bytes} bytes, sha256 {ms.sha256}, "
             f"{ms.pages} pages, {ms.zero_records} zero records"
         )
+        records.log(
+            f"RAM check at switchover: {ms.corrected} stale page(s) QEMU had not resent were sent"
+            if ms.checked
+            else "RAM check at switchover: not available (the instance's RAM is not in a memfd)"
+        )
         deadline = time.monotonic() + RESUME_TIMEOUT
         while migrate.domain_state(hv, uuid) != "running" or not migrate.is_persistent(hv, uuid):
             if time.monotonic() > deadline:

@@ -77,6 +77,7 @@ TAIL = 5
 STOPPED = 6
 END = 7
 ABORT = 8
+CHECK = 9  # u8 checked, u32 pages corrected: what the switchover check did (for the records)
 # destination -> source
 RETURN = 20
 ERROR = 21
@@ -517,6 +518,8 @@ class MemorySource:
         self.stats.delta = self._enc.finish()
         self.stats.sha256 = self._sha.hexdigest()
         end = bytes.fromhex(self.stats.sha256) + _U64.pack(self._emitted)
+        if self.stats.checked:
+            self.tx.send(CHECK, struct.pack(">BI", 1, self.stats.corrected))
         self.tx.send(PAGES, _PAGES_HEAD.pack(0xFFFF, 0) + self._cap.take())  # the delta END frame
         self.tx.send(END, end)
         self.stats.ended_at = time.time()
@@ -730,6 +733,9 @@ class MemoryDestination:
                     self._holding = True
                 elif mtype == STOPPED:
                     (self.stats.stopped_at,) = struct.unpack(">d", payload)
+                elif mtype == CHECK and len(payload) == 5:
+                    checked, self.stats.corrected = struct.unpack(">BI", payload)
+                    self.stats.checked = bool(checked)
                 elif mtype == END:
                     self._end(payload)
                 elif mtype == ABORT:

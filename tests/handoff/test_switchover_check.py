@@ -115,6 +115,7 @@ def test_lost_writes_reach_the_destination(
     ]
     assert len(changed) > 30
     assert src.stats.checked and src.stats.corrected == len(changed)
+    assert dst.checked and dst.corrected == len(changed)  # type: ignore[attr-defined]
     rebuilt = apply(got)
     assert rebuilt["pc.ram"] == truth  # the destination resumes with the guest's true memory
     assert rebuilt["pc.bios"] == delivered["pc.bios"]
