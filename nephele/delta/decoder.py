@@ -768,10 +768,10 @@ class Decoder:
     def _on_end(self, target: int, raw: bytes | bytearray) -> None:
         info = self._json(raw)
         entries = info.get("targets")
-        if not isinstance(entries, list) or len(entries) != len(self._targets):
-            self._corrupt(
-                f"END frame lists {len(entries or [])} targets, the stream declared {len(self._targets)}"
-            )
+        if not isinstance(entries, list):
+            self._corrupt("END frame has no list of targets")
+        if len(entries) != len(self._targets):
+            self._corrupt(f"END frame lists {len(entries)} targets, the stream declared {len(self._targets)}")
         seen = set()
         for e in entries:
             if not isinstance(e, dict):
