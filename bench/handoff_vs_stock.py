@@ -281,6 +281,8 @@ def run_nephele(c: Cloudlet, inst: dict[str, Any], rate: float) -> dict[str, Any
             k: d.get(k) for k in ("iterations", "wire_bytes", "table_blocks", "downtime_s", "elapsed_s")
         }
         detail["source_elapsed_s"] = res.elapsed_s
+        mem = res.source.get("memory") or {}
+        detail["ram_check"] = {"checked": mem.get("checked"), "stale_pages_corrected": mem.get("corrected")}
         return {"ok": True, "detail": detail}
     finally:
         proxy.stop()
