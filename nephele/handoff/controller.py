@@ -32,6 +32,7 @@ from nephele.model import NodeSpec
 PREFIX = "@handoff "
 READY_TIMEOUT = 600.0  # the destination may first index a large base image
 DST_GRACE = 90.0  # after the source ended, how long the destination may take to answer
+CLEANUP_TIMEOUT = 90.0
 
 
 class AgentLike(Protocol):
@@ -97,9 +98,13 @@ def perform(
     heatmap: bool | int | None = None,
     heatmap_linger: float = 0.0,
     via: tuple[str, int] | None = None,
+    bandwidth_mbit: float | None = None,
 ) -> HandoffResult:
     """Hand a running instance off from src's node to dest_node (reached through dst). ``via``: the
-    address the source connects to instead of the destination's handoff port (a relay, a WAN proxy)."""
+    address the source connects to instead of the destination's handoff port (a relay, a WAN proxy).
+    ``bandwidth_mbit``: a cap on what this handoff sends over the node link (all its channels)."""
+    if bandwidth_mbit is not None and not bandwidth_mbit > 0:
+        raise HandoffError(f"bandwidth cap {bandwidth_mbit} Mbit/s: it must be a positive number")
     notify = on_progress or (lambda ev: None)
     text = on_text or (lambda line: None)
     info = src.call("handoff.prepare", {"instance": instance})
@@ -146,9 +151,10 @@ def perform(
     if not ready:
         t.join(5)
         err = dst_out.get("error")
+        what = f"the handoff of {info['title']!r} ({info['uuid']})"
         if isinstance(err, NepheleError):
-            raise HandoffError(f"the destination {dest_node.name} refused the handoff: {err}") from None
-        raise HandoffError(f"the destination {dest_node.name} did not get ready for the handoff ({err})")
+            raise HandoffError(f"the destination {dest_node.name} refused {what}: {err}") from None
+        raise HandoffError(f"the destination {dest_node.name} did not get ready for {what} ({err})")
 
     def src_progress(line: str) -> None:
         ev = parse_event(line)
@@ -170,16 +176,37 @@ def perform(
                 "disk_port": ready["disk_port"],
                 "refs": ready.get("refs", []),
                 "downtime_ms": downtime_ms,
+                "bandwidth_mbit": bandwidth_mbit,
                 "url": url,
             },
             progress=src_progress,
         )
     except NepheleError as exc:
+        # The destination notices a failed source when its channels close (or the source's ABORT); a
+        # cleanup call would queue behind the receive call on the same agent anyway.
         t.join(DST_GRACE)
-        dst_err = dst_out.get("error")
-        if t.is_alive() or (dst_err is not None and "result" not in dst_out):
+        if "result" in dst_out:
+            # The destination confirmed: verified stream, libvirt's Finish done, the domain runs there.
+            # The source's libvirt lost Finish's answer (the link went down after the stop-and-copy) and
+            # resumed its own copy: libvirt cannot tell a lost answer from a failed Finish. The
+            # switchover completed; keeping both would be a split brain: release the source's copy.
+            try:
+                src.call("handoff.release", {"uuid": info["uuid"]}, timeout=CLEANUP_TIMEOUT)
+            except NepheleError as rel:
+                raise HandoffError(
+                    f"{info['title']!r} runs on {dest_node.name} (the handoff completed there), but the "
+                    f"source lost the confirmation ({exc}) and could not release its copy ({rel}): remove "
+                    f"instance {info['uuid']} from {src.node} before anything else uses it"
+                ) from None
+            result = HandoffResult(info, url, {"error": str(exc), "released": True}, dst_out["result"])
+            notify({"event": "completed", "downtime_s": result.downtime_s, "source_error": str(exc)})
+            return result
+        if t.is_alive() or ("error" in dst_out and "result" not in dst_out):
             with contextlib.suppress(NepheleError):  # the destination could not clean up by itself
-                dst.call("handoff.cleanup", {"uuid": info["uuid"]}, timeout=60)
+                dst.call("handoff.cleanup", {"uuid": info["uuid"]}, timeout=CLEANUP_TIMEOUT)
+        with contextlib.suppress(NepheleError):  # a killed source process left its mark (or a pause)
+            src.call("handoff.abort", {"uuid": info["uuid"]}, timeout=CLEANUP_TIMEOUT)
+        dst_err = dst_out.get("error")
         detail = f"; destination: {dst_err}" if dst_err is not None else ""
         raise HandoffError(f"{exc}{detail}") from None
     t.join(DST_GRACE)

@@ -21,13 +21,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import socket
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from nephele.errors import Conflict, HandoffError, InvalidInput, NepheleError
+from nephele.errors import Conflict, HandoffError, InvalidInput, NepheleError, NotFound
 from nephele.handoff import channel as ch
 from nephele.handoff import heatmap_server
 from nephele.handoff import refs as refsmod
@@ -41,6 +42,7 @@ from nephele.node.store import atomic_write_json
 
 PROGRESS_PREFIX = "@handoff "
 CONNECT_TIMEOUT = 120.0  # from ready to the source's memory channel (libvirt Prepare starts QEMU first)
+CONTROL_GRACE = 10.0  # control channel gone, memory stream not done: wait this long, then give up
 RESUME_TIMEOUT = 60.0  # from the verified end of the stream to the domain running here
 BLOCK = 4096
 
@@ -73,6 +75,9 @@ class _Channels:
         self.lock = threading.Lock()
         self.errors: list[str] = []
         self.observer: Any = None  # heatmap hook, passed to the memory channel
+        # when the source's libvirt connection ended: libvirt keeps it for the whole migration, so
+        # before the memory stream completed it means the source is gone (killed, aborted)
+        self.control_closed = 0.0
 
     def on_channel(self, acc: ch.Accepted) -> None:
         self.peers.add(acc.peer)
@@ -87,7 +92,7 @@ class _Channels:
                         acc.sock,
                         ("127.0.0.1", self.mem_port),
                         self.refs,
-                        self.ctx.store.tmp / f"handoff-{os.getpid()}",
+                        scratch_dir(self.ctx),
                         observer=self.observer,
                     )
                 self.memory_stats = self.memory.run()
@@ -104,12 +109,15 @@ class _Channels:
                 local = socket.socket(socket.AF_UNIX)
                 local.connect(migrate.libvirt_socket(self.ctx.hv.uri))
                 forward(local, acc.sock, stats=st)
+                self.control_closed = self.control_closed or time.monotonic()
         except OSError as exc:
             self.errors.append(f"{ch.CHANNEL_NAMES.get(acc.channel)} channel: {exc}")
             with contextlib.suppress(OSError):
                 acc.sock.close()
             if acc.channel == ch.MEMORY:
                 self.memory_done.set()
+            elif acc.channel == ch.CONTROL:
+                self.control_closed = self.control_closed or time.monotonic()
 
     def wire(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -149,10 +157,29 @@ def receive(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
     port = int(args.get("port") or 8022)
     address = str(args.get("address") or "")
     source_ip = str(args.get("source_ip") or "unknown")
+    title = f"{inst.get('title')!r} ({uuid})"
     hv = ctx.hv
     if migrate.domain_state(hv, uuid) is not None:
-        raise Conflict(f"instance {inst.get('title')!r} ({uuid}) already exists on this node")
-    image = images.resolve(ctx.store, str(inst["image"]))
+        raise Conflict(f"instance {title} already exists on this node")
+    sweep_stale(ctx)
+    try:
+        image = images.resolve(ctx.store, str(inst["image"]))
+    except NotFound:
+        raise NotFound(
+            f"the base image {str(inst['image'])[:12]} of instance {title} is not on this node: "
+            "copy the image here first (a handoff ships only what differs from it)"
+        ) from None
+    missing = [f for f in inst.get("boot_files") or [] if not Path(str(f)).is_file()]
+    if missing:
+        raise NotFound(
+            f"instance {title} boots from {', '.join(map(str, missing))}, not on this node: its base image "
+            f"{str(inst['image'])[:12]} here is incomplete or kept elsewhere"
+        )
+    platform = inst.get("platform")
+    if isinstance(platform, dict):
+        problem = migrate.platform_problem(hv, {str(k): str(v) for k, v in platform.items()})
+        if problem:
+            raise Conflict(f"this node cannot run instance {title}: {problem}")
     ports = dx.ports_from_text(",".join(inst.get("ports") or []))
     instances.check_ports_free(ctx, ports)
     inst_dir = ctx.store.instance_dir(uuid)
@@ -167,6 +194,7 @@ def receive(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
         raise InvalidInput(f"instance disk format {disk_format!r}: a live handoff takes qcow2 or raw disks")
     if inst_dir.exists():
         raise Conflict(f"{inst_dir} already exists on this node (a leftover of another handoff?)")
+    check_space(ctx, inst, title)
 
     heatmap_port = heatmap_server.wanted_port(ctx.store.root, args)  # None: off (the default)
     rec = HandoffRecord(
@@ -184,6 +212,7 @@ def receive(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
         refs = refsmod.prepare(ctx.store, image)
         records.log(f"references: {', '.join(sorted(refs)) or 'none'}")
         inst_dir.mkdir(parents=True)
+        (inst_dir / INCOMING).write_text(str(os.getpid()))  # a killed receiver's dir is found by this
         if disk_format == "qcow2":  # an empty overlay on the local base: the mirror copies only the top
             migrate.create_overlay(disk, image.disk, int(inst["disk_size"]))
         else:  # a raw disk is copied whole
@@ -213,6 +242,11 @@ def receive(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
             _update(rec, chans)
             if chans.memory is None and time.monotonic() - t_ready > CONNECT_TIMEOUT:
                 raise HandoffError(f"the source did not open the memory channel within {CONNECT_TIMEOUT:g} s")
+            if chans.control_closed and time.monotonic() - chans.control_closed > CONTROL_GRACE:
+                raise HandoffError(
+                    "the source's libvirt connection (control channel) closed before the memory stream "
+                    "completed: the source gave up or was stopped"
+                )
         _update(rec, chans)
         ms = chans.memory_stats
         if ms is None or ms.error or not ms.verified:
@@ -243,8 +277,10 @@ def receive(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
         info = hv.info(dom)
         tags = dict(info.tags)
         tags.pop("handoff_url", None)
+        tags.pop("handoff_pid", None)
         hv.set_tags(dom, tags)
         atomic_write_json(inst_dir / "instance.json", {"uuid": uuid, "name": info.name, **tags})
+        (inst_dir / INCOMING).unlink(missing_ok=True)
         rec.status = "completed"
         records.log(f"{rec.title} runs here; downtime {rec.downtime if rec.downtime is not None else '?'} s")
         ok = True
@@ -279,6 +315,7 @@ def receive(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
         if not ok and rec.status == "running":
             rec.status = "failed"
         records.stop()
+        shutil.rmtree(scratch_dir(ctx), ignore_errors=True)
         if hm is not None:  # keep the images with the log; the page may stay up heatmap_linger s
             hm.close(records, float(args.get("heatmap_linger") or 0))
 
@@ -298,9 +335,78 @@ def _cleanup(ctx: NodeContext, uuid: str, inst_dir: Any, records: Records) -> No
         return
     if state is not None and migrate.remove_domain(hv, uuid):
         records.log("removed the incoming domain")
-    with contextlib.suppress(OSError):
-        ctx.store.remove_instance_dir(uuid)
+    _remove_dir(ctx, uuid)
     records.log("cleaned up the instance directory")
+
+
+def _remove_dir(ctx: NodeContext, uuid: str) -> None:
+    try:
+        ctx.store.remove_instance_dir(uuid)
+    except OSError:  # instances/ on another file system than tmp/ (the store renames into tmp/ first)
+        shutil.rmtree(ctx.store.instance_dir(uuid), ignore_errors=True)
+
+
+INCOMING = ".handoff-incoming"  # in an instance dir while a handoff into it runs: the receiver's pid
+SPACE_SLACK = 16 << 20  # qcow2 metadata, the guest's writes during the handoff, the records
+
+
+def scratch_dir(ctx: NodeContext, pid: int | None = None) -> Path:
+    """Where this receiver's delta decoder keeps its RAM scratch images."""
+    return ctx.store.tmp / f"handoff-{pid or os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale(ctx: NodeContext) -> list[str]:
+    """Remove what killed receivers left: scratch dirs of dead pids, and incoming instance dirs (marked,
+    receiver dead) with no domain. Never touches a dir whose receiver lives or whose domain exists."""
+    removed = []
+    for d in ctx.store.tmp.glob("handoff-*"):
+        pid = d.name.removeprefix("handoff-")
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(str(d))
+    for marker in ctx.store.instances.glob(f"*/{INCOMING}"):
+        uuid = marker.parent.name
+        try:
+            owner = int(marker.read_text().strip() or 0)
+        except (OSError, ValueError):
+            owner = 0
+        if owner and _alive(owner):
+            continue
+        if migrate.domain_state(ctx.hv, uuid) is not None:
+            continue
+        _remove_dir(ctx, uuid)
+        removed.append(str(marker.parent))
+    return removed
+
+
+def check_space(ctx: NodeContext, inst: dict[str, Any], title: str) -> None:
+    """Refuse before anything moves when this node cannot hold the disk (the source's allocated bytes)
+    and the decoder's RAM scratch (up to the guest's memory)."""
+    disk = int(inst.get("disk_allocated") or 0) + SPACE_SLACK
+    mem = int(inst.get("memory_bytes") or 0)
+    free_i, dev_i = migrate.free_bytes(ctx.store.instances)
+    free_t, dev_t = migrate.free_bytes(ctx.store.tmp)
+    mib = 1 << 20
+    wants = [(ctx.store.instances, free_i, disk + (mem if dev_i == dev_t else 0))]
+    if dev_i != dev_t:
+        wants.append((ctx.store.tmp, free_t, mem))
+    for path, free, need in wants:
+        if free < need:
+            raise Conflict(
+                f"not enough disk space for instance {title}: {path} has {free / mib:.0f} MiB free, the "
+                f"handoff needs {need / mib:.0f} MiB (disk {disk / mib:.0f} MiB incl. "
+                f"{SPACE_SLACK // mib} MiB slack, memory scratch {mem / mib:.0f} MiB)"
+            )
 
 
 def cleanup(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
@@ -315,5 +421,6 @@ def cleanup(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
         return {"uuid": uuid, "removed": False, "state": "running"}
     removed = migrate.remove_domain(ctx.hv, uuid) if state is not None else False
     existed = ctx.store.instance_dir(uuid).exists()
-    ctx.store.remove_instance_dir(uuid)
-    return {"uuid": uuid, "removed": removed or existed, "state": None}
+    _remove_dir(ctx, uuid)
+    swept = sweep_stale(ctx)
+    return {"uuid": uuid, "removed": removed or existed, "state": None, "swept": swept}

@@ -25,6 +25,18 @@ def _send(ctx: NodeContext, args: dict[str, Any]) -> Any:
     return source.send(ctx, args)
 
 
+def _abort(ctx: NodeContext, args: dict[str, Any]) -> Any:
+    from nephele.handoff import source
+
+    return source.abort(ctx, args)
+
+
+def _release(ctx: NodeContext, args: dict[str, Any]) -> Any:
+    from nephele.handoff import source
+
+    return source.release(ctx, args)
+
+
 def _receive(ctx: NodeContext, args: dict[str, Any]) -> Any:
     from nephele.handoff import dest
 
@@ -52,5 +64,7 @@ HANDOFF_OPS: dict[str, Op] = {
     "handoff.send": _send,
     "handoff.receive": _receive,
     "handoff.cleanup": _cleanup,
+    "handoff.abort": _abort,
+    "handoff.release": _release,
     "handoff.warm": _warm,
 }

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import socket
 import threading
 import time
@@ -26,8 +27,8 @@ from typing import Any
 from nephele.errors import Conflict, HandoffError, InvalidInput, NepheleError
 from nephele.handoff import channel as ch
 from nephele.handoff import refs as refsmod
-from nephele.handoff.forward import ForwardStats, NbdTap, forward
-from nephele.handoff.memory import MemorySource, MemoryStats
+from nephele.handoff.forward import ForwardStats, NbdTap, ThrottledSocket, TokenBucket, forward
+from nephele.handoff.memory import ABORT, MemorySource, MemoryStats
 from nephele.node import domain as dx
 from nephele.node import guestram, images, instances, migrate
 from nephele.node.guestram import GuestRam
@@ -36,6 +37,7 @@ from nephele.node.runtime import NodeContext
 PROGRESS_PREFIX = "@handoff "
 STALL_SECONDS = 60.0  # no byte moved on the memory channel for this long while migrating: abort
 DEFAULT_DOWNTIME_MS = 1000
+ABORT_RETRY_SECONDS = 30.0  # how long a failed source keeps trying to tell the destination
 
 
 def emit(ctx: NodeContext, event: str, **data: Any) -> None:
@@ -50,13 +52,16 @@ def prepare(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
             f"instance {info.tags.get('title')!r} is {info.state}; only a running instance is handed off live"
         )
     if info.tags.get("handoff_url"):
-        raise Conflict(
-            f"instance {info.tags.get('title')!r} is already being handed off to {info.tags['handoff_url']}"
-        )
+        if _mark_is_live(ctx, info.uuid, info.tags):
+            title, url = info.tags.get("title"), info.tags["handoff_url"]
+            raise Conflict(f"instance {title!r} is already being handed off to {url}")
+        _clear_mark(ctx, info.uuid)  # left by a source process that was killed: nothing runs it
+        info = instances.select(ctx, info.uuid)
     disk = dx.disk_path(info.xml)
     if not disk:
         raise InvalidInput(f"instance {info.tags.get('title')!r} has no disk")
     image = images.resolve(ctx.store, info.tags.get("image", ""))
+    tags = {k: v for k, v in info.tags.items() if k not in MARK_TAGS}
     return {
         "uuid": info.uuid,
         "name": info.name,
@@ -65,10 +70,82 @@ def prepare(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
         "disk": disk,
         "disk_format": _disk_format(info.xml),
         "disk_size": migrate.disk_virtual_size(disk),
+        "disk_allocated": migrate.allocated_bytes(disk),
         "memory_bytes": info.memory_kib * 1024,
+        "platform": migrate.platform_of(info.xml),
+        "boot_files": migrate.boot_files(info.xml),
         "ports": [str(p) for p in dx.ports_from_text(info.tags.get("ports"))],
-        "tags": info.tags,
+        "tags": tags,
     }
+
+
+MARK_TAGS = ("handoff_url", "handoff_pid")
+
+
+def _mark_is_live(ctx: NodeContext, uuid: str, tags: dict[str, str]) -> bool:
+    """Whether the "being handed off" mark belongs to a handoff that still runs: the source process that
+    set it is alive (a mark without a pid: libvirt still has a job on the domain)."""
+    pid = tags.get("handoff_pid", "")
+    if pid.isdigit():
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    return migrate.has_job(ctx.hv, uuid)
+
+
+def _clear_mark(ctx: NodeContext, uuid: str) -> None:
+    with contextlib.suppress(NepheleError):
+        d = ctx.hv.lookup(uuid)
+        if d is not None:
+            tags = dict(ctx.hv.info(d).tags)
+            if any(k in tags for k in MARK_TAGS):
+                for k in MARK_TAGS:
+                    tags.pop(k, None)
+                ctx.hv.set_tags(d, tags)
+
+
+def abort(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
+    """``handoff.abort``: after a failed handoff whose source process could not clean up (it was killed):
+    resume the instance if libvirt left it paused without a job and drop a mark nothing holds."""
+    uuid = str(args.get("uuid") or "")
+    if not uuid:
+        raise InvalidInput("handoff.abort: no uuid")
+    dom = ctx.hv.lookup(uuid)
+    if dom is None:
+        return {"uuid": uuid, "state": None}
+    tags = ctx.hv.info(dom).tags
+    live = any(k in tags for k in MARK_TAGS) and _mark_is_live(ctx, uuid, tags)
+    if not live:
+        _clear_mark(ctx, uuid)
+        migrate.resume_if_paused(ctx.hv, uuid)
+    return {"uuid": uuid, "state": migrate.domain_state(ctx.hv, uuid), "busy": live}
+
+
+def release(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
+    """``handoff.release``: remove the source's copy of an instance whose destination confirmed that it
+    runs there (verified stream, libvirt's Finish done) while libvirt here lost that answer and resumed
+    this copy (its p2p migration cannot tell a lost Finish reply from a failed Finish). The controller
+    calls it only with the destination's confirmation in hand; refused while a handoff holds the mark."""
+    uuid = str(args.get("uuid") or "")
+    if not uuid:
+        raise InvalidInput("handoff.release: no uuid")
+    dom = ctx.hv.lookup(uuid)
+    removed = False
+    if dom is not None:
+        tags = ctx.hv.info(dom).tags
+        if any(k in tags for k in MARK_TAGS) and _mark_is_live(ctx, uuid, tags):
+            raise Conflict(f"instance {tags.get('title')!r} is being handed off: not released")
+        if migrate.has_job(ctx.hv, uuid):
+            raise Conflict(f"instance {tags.get('title')!r} has a libvirt job running: not released")
+        ctx.hv.destroy(dom)
+        ctx.hv.undefine(dom)
+        removed = True
+    ctx.store.remove_instance_dir(uuid)
+    return {"uuid": uuid, "removed": removed}
 
 
 def _disk_format(xml: str) -> str:
@@ -98,6 +175,7 @@ class _Proxies:
         self.dump_path: Path | None = None
         self.guest_ram: Callable[[], GuestRam | None] | None = None  # the switchover check's RAM
         self.closed = threading.Event()
+        self.bucket: TokenBucket | None = None  # the handoff's bandwidth cap (all channels)
 
     def listen(self, port: int, serve: Callable[[socket.socket], None]) -> int:
         s = socket.socket()
@@ -134,7 +212,13 @@ class _Proxies:
                 c.close()
 
     def _connect(self, channel: int) -> socket.socket:
-        return ch.connect_channel(self.dest[0], self.dest[1], self.hid, self.token, channel)
+        sock = ch.connect_channel(self.dest[0], self.dest[1], self.hid, self.token, channel)
+        if self.bucket is None:
+            return sock
+        if hasattr(sock, "pace"):  # an encrypted channel paces its records itself (never re-wrap it)
+            setattr(sock, "pace", self.bucket.take)  # noqa: B010
+            return sock
+        return ThrottledSocket.wrap(sock, self.bucket)
 
     def serve_memory(self, c: socket.socket) -> None:
         c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -159,6 +243,26 @@ class _Proxies:
         st = ForwardStats()
         self.forwards.append(("control", st))
         forward(c, self._connect(ch.CONTROL), stats=st)
+
+    def send_abort(self, reason: str) -> None:
+        """Tell a destination that never got its memory channel that this handoff is over (ABORT on a
+        channel of its own), so it cleans up now instead of at its connect timeout. Best effort, retried
+        for a while: the link may be back soon after a cut."""
+        deadline = time.monotonic() + ABORT_RETRY_SECONDS
+        while True:
+            try:
+                sock = ch.connect_channel(
+                    self.dest[0], self.dest[1], self.hid, self.token, ch.MEMORY, timeout=3
+                )
+                break
+            except (HandoffError, OSError) as exc:
+                if "refused" in str(exc) or time.monotonic() > deadline:
+                    return  # nobody listens there any more (or the hello was refused): it is over there
+                time.sleep(2)
+        with contextlib.suppress(OSError, HandoffError):
+            ch.MsgSender(sock).send(ABORT, reason.encode()[:4096])
+        with contextlib.suppress(OSError):
+            sock.close()
 
     def wire_out(self) -> int:
         n = self.memory.tx.bytes if self.memory is not None else 0
@@ -248,6 +352,12 @@ def send(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
     except (KeyError, ValueError, TypeError) as exc:
         raise InvalidInput(f"handoff.send: bad request ({exc})") from None
     downtime_ms = int(args.get("downtime_ms") or DEFAULT_DOWNTIME_MS)
+    try:
+        cap = float(args.get("bandwidth_mbit") or 0)
+    except (ValueError, TypeError):
+        raise InvalidInput(f"handoff.send: bad bandwidth_mbit {args.get('bandwidth_mbit')!r}") from None
+    if cap < 0:
+        raise InvalidInput(f"handoff.send: bandwidth_mbit {cap:g} is negative")
     url = str(args.get("url") or f"tcp://{dest[0]}:{dest[1]}")
     hv = ctx.hv
     info = instances.select(ctx, uuid)
@@ -257,6 +367,7 @@ def send(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
     ctx.progress("Preparing reference images (base disk and memory)...")
     refs = {k: v for k, v in refsmod.prepare(ctx.store, image).items() if k in ref_ids}
     proxies = _Proxies(dest, hid, token, refs)
+    proxies.bucket = TokenBucket(cap * 1e6 / 8) if cap else None
     proxies.dump_path = ctx.store.root / "debug" / "memory-stream.bin"  # written if memory-stream.on exists
     proxies.guest_ram = lambda: guestram.open_main_ram(uuid)
     mark = migrate.LifecycleMark()
@@ -269,7 +380,7 @@ def send(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
         proxies.listen(mem_port, proxies.serve_memory)
         proxies.listen(disk_port, proxies.serve_disk)
         ctl_port = proxies.listen(0, proxies.serve_control)
-        hv.set_tags(dom, {**info.tags, "handoff_url": url})
+        hv.set_tags(dom, {**info.tags, "handoff_url": url, "handoff_pid": str(os.getpid())})
         tagged = True
 
         def on_stop(when: float) -> None:
@@ -286,7 +397,7 @@ def send(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
             downtime_ms=FIRST_PASS_DOWNTIME_MS,  # raised by the limiter once every page went once
         )
         mig.start()
-        emit(ctx, "started", url=url, title=info.tags.get("title"), uuid=uuid)
+        emit(ctx, "started", url=url, title=info.tags.get("title"), uuid=uuid, pid=os.getpid())
         last_bytes, last_move, abort_reason = -1, time.monotonic(), None
         prev_t, prev_wire = time.monotonic(), 0
         limiter = _DowntimeLimiter(mig, downtime_ms, proxies)
@@ -362,12 +473,10 @@ def send(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
             mig.done.wait(120)
         state = migrate.resume_if_paused(hv, uuid)
         if tagged and state is not None:
-            with contextlib.suppress(NepheleError):
-                d = hv.lookup(uuid)
-                tags = dict(hv.info(d).tags)
-                tags.pop("handoff_url", None)
-                hv.set_tags(d, tags)
+            _clear_mark(ctx, uuid)
         emit(ctx, "failed", source_state=state, error=str(exc))
+        if proxies.memory is None:  # the destination still waits for its memory channel: tell it why not
+            proxies.send_abort(str(exc) or type(exc).__name__)
         if isinstance(exc, KeyboardInterrupt):
             raise HandoffError(f"the source was interrupted; the instance is {state} here") from None
         if isinstance(exc, HandoffError):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import subprocess
 import threading
 import time
@@ -84,6 +85,79 @@ def create_sparse(path: Path, size: int) -> None:
     """The destination disk of a raw (not overlay) instance disk: NBD copies all of it."""
     with open(path, "wb") as f:
         f.truncate(size)
+
+
+def platform_of(domain_xml: str) -> dict[str, str]:
+    """What a destination must offer to run this domain: arch, machine type (libvirt's expanded name in
+    a live XML), virt type (qemu = TCG, kvm) and the CPU mode/model ('' when the XML has no <cpu>)."""
+    import xml.etree.ElementTree as ET
+
+    root = ET.fromstring(domain_xml)
+    ostype = root.find("os/type")
+    cpu = root.find("cpu")
+    model = cpu.find("model") if cpu is not None else None
+    return {
+        "arch": (ostype.get("arch") if ostype is not None else None) or "x86_64",
+        "machine": (ostype.get("machine") if ostype is not None else None) or "",
+        "virt_type": root.get("type") or "qemu",
+        "cpu_mode": (cpu.get("mode") or "custom") if cpu is not None else "",
+        "cpu_model": (model.text or "").strip() if model is not None else "",
+    }
+
+
+def boot_files(domain_xml: str) -> list[str]:
+    """The files outside the instance directory a domain boots from (direct kernel boot)."""
+    import xml.etree.ElementTree as ET
+
+    root = ET.fromstring(domain_xml)
+    return [
+        str(e.text).strip()
+        for tag in ("os/kernel", "os/initrd")
+        if (e := root.find(tag)) is not None and e.text
+    ]
+
+
+def platform_problem(hv: Hypervisor, want: dict[str, str]) -> str | None:
+    """Why this node cannot run a domain of platform ``want`` (``platform_of``), or None. From libvirt's
+    domain capabilities for that arch, machine type and virt type: no such QEMU/machine/accelerator
+    here, or the CPU mode/model is not usable here."""
+    import xml.etree.ElementTree as ET
+
+    arch, machine, vt = want.get("arch") or "x86_64", want.get("machine") or None, want.get("virt_type")
+    try:
+        caps = hv.conn.getDomainCapabilities(None, arch, machine, vt or "qemu", 0)
+    except libvirt.libvirtError as exc:
+        return (
+            f"it cannot run arch {arch}, machine type {machine or '(default)'} with virt type {vt} "
+            f"({exc.get_error_message()})"
+        )
+    root = ET.fromstring(caps)
+    mode = want.get("cpu_mode") or ""
+    if not mode:
+        return None
+    m = root.find(f"cpu/mode[@name='{mode}']")
+    if m is None or m.get("supported") != "yes":
+        return f"it does not support CPU mode {mode}"
+    model = want.get("cpu_model") or ""
+    if mode == "custom" and model:
+        usable = {e.text: e.get("usable") for e in m.findall("model")}
+        if usable.get(model, "no") == "no":
+            return f"CPU model {model} is not usable there"
+    return None
+
+
+def free_bytes(path: Path) -> tuple[int, int]:
+    """(bytes free for an unprivileged writer, device id) of the file system holding path (statvfs)."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize, os.stat(path).st_dev
+
+
+def allocated_bytes(path: str) -> int:
+    """The bytes a disk file occupies (what a copy of its allocated blocks needs), 0 if unreadable."""
+    try:
+        return os.stat(path).st_blocks * 512
+    except OSError:
+        return 0
 
 
 @dataclass
@@ -160,6 +234,15 @@ def remove_domain(hv: Hypervisor, uuid: str) -> bool:
     with contextlib.suppress(NodeError):
         hv.undefine(dom)
     return True
+
+
+def has_job(hv: Hypervisor, uuid: str) -> bool:
+    """Whether libvirt runs a job (a migration) on domain uuid."""
+    dom = hv.lookup(uuid)
+    try:
+        return bool(dom is not None and dom.jobInfo()[0])
+    except libvirt.libvirtError:
+        return False
 
 
 def resume_if_paused(hv: Hypervisor, uuid: str) -> str | None:
