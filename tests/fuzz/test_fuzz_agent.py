@@ -46,8 +46,6 @@ KINDS = {*protocol.ERROR_KINDS, "interrupted"}
 # docs/fuzzing.md; any other op answering `internal` fails the run.
 KNOWN_INTERNAL = {
     "node.logs": "nephele/node/ops.py: int(args['lines']) on a non-number",
-    "handoff.cleanup": "nephele/handoff/dest.py: the uuid used as a path unchecked (too long: OSError)",
-    "handoff.release": "nephele/handoff/source.py: the same, through Store.remove_instance_dir",
 }
 
 json_scalars = (
