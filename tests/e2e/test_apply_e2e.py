@@ -332,10 +332,12 @@ def test_an_image_a_node_lacks_is_copied_as_a_delta(w: World, guest: GuestFiles,
     assert code == 0, out + err
     [act] = [x for x in json.loads(out)["result"]["actions"] if x["id"] == "import_image:image/tiny-2@edge-b"]
     assert act["status"] == "done" and "delta, against 1 image it holds" in act["detail"], act
+    print(f"import_image:image/tiny-2@edge-b: {act['detail']}")
     sent_mib = float(act["detail"].split(", ")[1].split(" MiB sent")[0])
     copied = w.agents["edge-b"].call("observe")["images"]["tiny-2"]
     assert copied["content_id"] == built["content_id"]  # every file byte for byte (sha256 per file)
-    snap = w.agents["edge-a"].call("snapshot.export", {"name": "web", "dest": f"{a.root}/inbox/web.zip"})
+    b = w.cloudlet.node("edge-b")  # web-1 runs there now: the snapshot is only there
+    snap = w.agents["edge-b"].call("snapshot.export", {"name": "web", "dest": f"{b.root}/tmp/web-export.zip"})
     whole_mib = whole["file_bytes"] / 2**20
     files_mib = (built["disk_bytes"] + built["memory_bytes"]) / 2**20
     print(
