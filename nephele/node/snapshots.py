@@ -375,8 +375,9 @@ def _import(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
             ) from None
         members = [n for n in names if n != EXPORT_META]
         for name in members:
+            # delta.nvd, or a plain file name under state/ ("state/", "state/..": refused, not written)
             if name != DELTA and not (
-                name.startswith(f"{STATE_DIR}/") and "/" not in name[len(STATE_DIR) + 1 :]
+                name.startswith(f"{STATE_DIR}/") and _plain_name(name[len(STATE_DIR) + 1 :])
             ):
                 raise InvalidInput(f"snapshot import: {raw}: unexpected member {name!r}")
         space.require(
@@ -387,8 +388,8 @@ def _import(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
             detail=f"for {len(members)} files",
         )
         for name in members:
-            (stage / name).parent.mkdir(parents=True, exist_ok=True)
             try:
+                (stage / name).parent.mkdir(parents=True, exist_ok=True)
                 with zf.open(name) as fin, open(stage / name, "wb") as fout:
                     shutil.copyfileobj(fin, fout, 1 << 20)
             except images.ZIP_ERRORS as exc:

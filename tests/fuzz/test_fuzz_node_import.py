@@ -159,3 +159,28 @@ def test_snapshot_import(data: st.DataObject) -> None:
                 snapshots.summary(_path, meta, ctx.store)
         finally:
             ctx.close()
+
+
+def test_snapshot_member_named_like_the_state_directory(tmp_path: Path) -> None:
+    """Found by `make fuzz`: an export with a member "state/" (written as a file named state) and then
+    "state/domain.xml" escaped snapshot import as FileExistsError (an `internal` answer)."""
+    ctx = NodeContext(tmp_path / "root")
+    try:
+        img = ctx.store.tmp / "nephele-image-tiny-1.zip"
+        cid = image_export(img, DISK, MEMORY)
+        images.import_(ctx, {"path": str(img)})
+        good, bad = tmp_path / "good.zip", tmp_path / "bad.zip"
+        snapshot_export(good, cid, DELTA)
+        with zipfile.ZipFile(good) as zin, zipfile.ZipFile(bad, "w") as zout:
+            for item in zin.infolist():
+                name = "state/" if item.filename == snapshots.DELTA else item.filename
+                zout.writestr(name, zin.read(item.filename))
+        try:
+            snapshots.import_(ctx, {"path": str(bad)})
+        except NodeError as exc:
+            assert exc.kind == "invalid_input" and "unexpected member 'state/'" in str(exc), exc
+        else:
+            raise AssertionError("accepted")
+        assert list(ctx.store.tmp.iterdir()) == [] and snapshots.ls(ctx, {}) == []
+    finally:
+        ctx.close()
