@@ -281,7 +281,7 @@ def open_export(args: dict[str, Any], what: str) -> tuple[zipfile.ZipFile, str, 
         raise InvalidInput(f"{what} import: {raw}: no such file")
     try:
         return zipfile.ZipFile(src), raw, src
-    except (zipfile.BadZipFile, OSError) as exc:
+    except (ValueError, *ZIP_ERRORS) as exc:  # a damaged directory: "zip file version 8.4", bad offsets
         raise InvalidInput(f"{what} import: {raw}: not a nephele {what} export ({exc})") from None
 
 
