@@ -335,6 +335,20 @@ def rows_equal(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
 
 
 @njit(cache=True, nogil=True)
+def rows_equal_at(a: np.ndarray, ai: np.ndarray, b: np.ndarray, bi: np.ndarray, out: np.ndarray) -> None:
+    """out[i] = a[ai[i]] == b[bi[i]] for uint64[*, 512] arrays (rows compared where they lie)."""
+    for i in range(ai.shape[0]):
+        x = a[ai[i]]
+        y = b[bi[i]]
+        eq = True
+        for k in range(WORDS):
+            if x[k] != y[k]:
+                eq = False
+                break
+        out[i] = eq
+
+
+@njit(cache=True, nogil=True)
 def xor_count_small(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
     """out[i] = fewer than a quarter of the words of a[i] and b[i] differ (the XOR heuristic)."""
     for i in range(a.shape[0]):

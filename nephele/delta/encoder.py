@@ -235,12 +235,22 @@ class Encoder:
             return
         rpos = arg[refi] >> 40
         rblk = arg[refi] & K.LOW40
-        cand = np.empty((refi.size, BLOCK), np.uint8)
+        eq = np.empty(refi.size, np.bool_)
+        rows64 = rows.view(np.uint64)
         for r in np.unique(rpos):
             sel = np.flatnonzero(rpos == r)
-            cand[sel] = self.refs.readers[int(r)].gather(rblk[sel])
-        eq = np.empty(refi.size, np.bool_)
-        K.rows_equal(np.ascontiguousarray(rows[refi]).view(np.uint64), cand.view(np.uint64), eq)
+            reader = self.refs.readers[int(r)]
+            ref = reader.mapped()
+            part = np.empty(sel.size, np.bool_)
+            if ref is not None and int(rblk[sel].max()) < ref.shape[0]:
+                # compared where they lie (no copy of either), then the map's pages are dropped again
+                K.rows_equal_at(rows64, refi[sel], ref.view(np.uint64), rblk[sel], part)
+                ref = None
+                reader.drop_all()
+            else:  # a zero-padded last block of the reference: copied out
+                cand = reader.gather(rblk[sel]).view(np.uint64)
+                K.rows_equal(np.ascontiguousarray(rows[refi[sel]]).view(np.uint64), cand, part)
+            eq[sel] = part
         bad = refi[~eq]
         if bad.size:
             self.collisions += int(bad.size)

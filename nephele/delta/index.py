@@ -212,6 +212,19 @@ class RefReader:
             raise DeltaError(f"reference image {self.path} shrank while in use")
         return self._arr[start : start + count]
 
+    def mapped(self) -> np.ndarray | None:
+        """All whole blocks straight from the map (uint8[full, 4096], no copy), for reads by index.
+        Call drop_all() when done."""
+        if self._arr is None:
+            return None
+        if os.fstat(self._fd).st_size < self.size:
+            raise DeltaError(f"reference image {self.path} shrank while in use")
+        return self._arr
+
+    def drop_all(self) -> None:
+        if self._mm is not None:
+            self._mm.madvise(mmap.MADV_DONTNEED)
+
     def drop(self, start: int, count: int) -> None:
         if self._mm is not None and count > 0:
             self._mm.madvise(mmap.MADV_DONTNEED, start * BLOCK, count * BLOCK)
