@@ -429,8 +429,8 @@ def discard(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
     """Remove a file a copy left in `<root>/tmp/` (an export fetched, an upload imported). Only plain
     files directly in tmp/ named `nephele-*` are removed; anything else is refused."""
     raw = args.get("path")
-    if not isinstance(raw, str) or not raw:
-        raise InvalidInput("copy discard: no path given")
+    if not isinstance(raw, str) or not raw or "\0" in raw:
+        raise InvalidInput("copy discard: no usable path given")
     path = Path(raw)
     tmp = ctx.store.tmp.resolve()
     if path.parent.resolve() != tmp or not path.name.startswith("nephele-") or path.is_symlink():

@@ -205,7 +205,13 @@ def test_discard_removes_only_a_copys_file_in_tmp(tmp_path: Path) -> None:
     assert copies.discard(ctx, {"path": str(f)})["removed"] is False
     other = tmp_path / "nephele-precious"
     other.write_bytes(b"x")
-    for bad in (str(other), str(ctx.store.tmp / "meta.json"), str(ctx.store.tmp / ".." / "nephele.log"), ""):
+    for bad in (
+        str(other),
+        str(ctx.store.tmp / "meta.json"),
+        str(ctx.store.tmp / ".." / "nephele.log"),
+        "",
+        str(ctx.store.tmp / "nephele-\0x"),
+    ):
         with pytest.raises(InvalidInput):
             copies.discard(ctx, {"path": bad})
     assert other.exists()
