@@ -17,8 +17,10 @@ import contextlib
 import datetime as dt
 import hashlib
 import json
+import lzma
 import os
 import shutil
+import struct
 import subprocess
 import time
 import uuid as uuidlib
@@ -38,9 +40,19 @@ DEFAULT_CPUS = 1
 EXPORT_META = "nephele-image.json"
 DESCRIPTOR_SUFFIXES = (".json", ".nvm")
 COPY_CHUNK = 1 << 20
-# What reading a damaged zip member raises: a bad header or CRC, a bad deflate stream, a member cut
-# short, a compression method zipfile does not know (a flipped bit in the header), a read error.
-ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, OSError)
+# What reading a damaged zip raises: a bad header or CRC, a bad deflate/LZMA stream (bzip2's is an
+# OSError), a member cut short, a compression method or version zipfile does not know, the encryption
+# flag set (RuntimeError: "password required"), a truncated header field, a read error.
+ZIP_ERRORS = (
+    zipfile.BadZipFile,
+    zlib.error,
+    lzma.LZMAError,
+    struct.error,
+    EOFError,
+    NotImplementedError,
+    RuntimeError,
+    OSError,
+)
 
 
 def now_iso() -> str:

@@ -204,3 +204,25 @@ def test_zip_needing_an_unknown_version_is_invalid_input(tmp_path: Path) -> None
             raise AssertionError("accepted")
     finally:
         ctx.close()
+
+
+def test_zip_member_flagged_encrypted_is_invalid_input(tmp_path: Path) -> None:
+    """Found by `make fuzz`: the encryption bit set on a member made zipfile raise RuntimeError
+    ("password required for extraction") out of the import."""
+    ctx = NodeContext(tmp_path / "root")
+    try:
+        path = tmp_path / "x.zip"
+        image_export(path, DISK, MEMORY)
+        raw = bytearray(path.read_bytes())
+        central = raw.find(b"PK\x01\x02")  # the first member's directory entry: nephele-image.json
+        raw[central + 8] |= 1
+        path.write_bytes(bytes(raw))
+        try:
+            images.import_(ctx, {"path": str(path)})
+        except NodeError as exc:
+            assert exc.kind == "invalid_input" and "password" in str(exc), exc
+        else:
+            raise AssertionError("accepted")
+        assert list(ctx.store.tmp.iterdir()) == []
+    finally:
+        ctx.close()
