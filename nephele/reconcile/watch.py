@@ -649,7 +649,11 @@ class Watcher:
                     note += "; " + "; ".join(str(x) for x in the_plan.warnings)
                 return Outcome("in_sync", note, rev.text, requeue_after=HANDOFF_POLL if inflight else None)
             applied = (record.get("last_applied") or {}).get("sha256")
-            drift = applied == rev.sha
+            attempted = (record.get("last_attempted") or {}).get("sha256")
+            # Drift: this very content was applied, and nothing else was tried since. A revert to an
+            # earlier applied content after a newer revision was partly applied (stopped, failed) is a
+            # change to apply, not drift to leave alone with --no-self-heal.
+            drift = applied == rev.sha and attempted in (None, rev.sha)
             if drift and not self.opts.self_heal:
                 self._report_once("drift", rev, [(a, a.reason) for a in runnable.actions])
                 return Outcome(

@@ -338,6 +338,22 @@ def test_drift_is_corrected_or_only_reported_without_self_heal(tmp_path: Path) -
     assert lazy.refresh()
     assert lazy.run_pass(lazy.latest).result == "applied"
     assert fc.find("web-1")[0][1].ports == ["8081:80"]
+    # A newer revision partly applied (the port change done, web-2's start failed), then reverted to
+    # the content applied before: a change to apply, not drift to leave alone.
+    write(
+        tmp_path,
+        {
+            "web-1": '{snapshot: web, node: edge-a, ports: ["8082:80"]}',
+            "web-2": "{snapshot: web, node: edge-b}",
+        },
+    )
+    fc.faults[("edge-b", "instance.run")] = [NepheleError("boom")]
+    assert lazy.refresh() and lazy.run_pass(lazy.latest).result == "failed"
+    assert fc.find("web-1")[0][1].ports == ["8082:80"]
+    write(tmp_path, {"web-1": '{snapshot: web, node: edge-a, ports: ["8081:80"]}'})
+    assert lazy.refresh()
+    assert lazy.run_pass(lazy.latest).result == "applied"
+    assert fc.find("web-1")[0][1].ports == ["8081:80"]
 
 
 def test_an_invalid_revision_is_reported_and_the_last_good_stays_in_force(tmp_path: Path) -> None:
