@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from nephele import __version__
+from nephele.errors import InvalidInput
 from nephele.node import copies, history, images, instances, observe, snapshots, supervisor
 from nephele.node.runtime import NodeContext
 
@@ -31,7 +32,10 @@ def ping(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
 
 def logs(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
     """The last `lines` lines of <root>/nephele.log (0: all of it)."""
-    n = int(args.get("lines", 10))
+    raw = args.get("lines", 10)
+    if isinstance(raw, bool) or not isinstance(raw, int):
+        raise InvalidInput(f"node.logs: lines must be a whole number, not {str(raw)[:40]!r}")
+    n = raw
     path = ctx.store.log_file
     text = path.read_text(errors="replace") if path.is_file() else ""
     lines = text.splitlines()

@@ -44,9 +44,7 @@ KINDS = {*protocol.ERROR_KINDS, "interrupted"}
 # Ops whose argument checking lives outside this suite's scope and is known to let a wrongly typed
 # argument through as an `internal` error (still a well-formed error response, never a crash). Listed in
 # docs/fuzzing.md; any other op answering `internal` fails the run.
-KNOWN_INTERNAL = {
-    "node.logs": "nephele/node/ops.py: int(args['lines']) on a non-number",
-}
+KNOWN_INTERNAL: dict[str, str] = {}  # op -> why it may answer `internal` (none left)
 
 json_scalars = (
     st.none()
