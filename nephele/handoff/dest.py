@@ -377,6 +377,10 @@ def sweep_stale(ctx: NodeContext) -> list[str]:
     for marker in ctx.store.instances.glob(f"*/{INCOMING}"):
         uuid = marker.parent.name
         try:
+            ctx.store.instance_dir(uuid)
+        except NepheleError:
+            continue  # not an instance directory nephele made
+        try:
             owner = int(marker.read_text().strip() or 0)
         except (OSError, ValueError):
             owner = 0
@@ -416,6 +420,7 @@ def cleanup(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
     uuid = str(args.get("uuid") or "")
     if not uuid:
         raise InvalidInput("handoff.cleanup: no uuid")
+    ctx.store.instance_dir(uuid)  # refuses anything but a canonical UUID before libvirt sees it
     state = migrate.domain_state(ctx.hv, uuid)
     if state == "running":
         return {"uuid": uuid, "removed": False, "state": "running"}

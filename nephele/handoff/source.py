@@ -114,6 +114,7 @@ def abort(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
     uuid = str(args.get("uuid") or "")
     if not uuid:
         raise InvalidInput("handoff.abort: no uuid")
+    ctx.store.instance_dir(uuid)  # refuses anything but a canonical UUID before libvirt sees it
     dom = ctx.hv.lookup(uuid)
     if dom is None:
         return {"uuid": uuid, "state": None}
@@ -133,6 +134,7 @@ def release(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
     uuid = str(args.get("uuid") or "")
     if not uuid:
         raise InvalidInput("handoff.release: no uuid")
+    ctx.store.instance_dir(uuid)  # refuses anything but a canonical UUID before libvirt sees it
     dom = ctx.hv.lookup(uuid)
     removed = False
     if dom is not None:
