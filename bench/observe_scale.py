@@ -64,16 +64,23 @@ def cpu_seconds() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
-def node_cpu(c: Cloudlet, names: list[str]) -> float:
-    """CPU seconds of everything the nodes' sshds ran and reaped so far (each session: sshd's own
-    child, the shell, the agent), from the sshd daemons' cumulative child times in /proc."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0.0
-    for name in names:
-        pid = int(c.node(name).sshd_pidfile.read_text().split()[0])
+def _tree_cpu(pid: int, tick: int) -> float:
+    """CPU seconds of a process tree: each live process's own time plus what it reaped (cutime), so a
+    session that ended counts once, in its parent."""
+    try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total += (int(fields[13]) + int(fields[14])) / tick  # cutime, cstime
-    return total
+        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:  # it ended meanwhile: its time is in its parent's cutime from now on
+        return 0.0
+    own = sum(int(f) for f in fields[11:15]) / tick  # utime, stime, cutime, cstime
+    return own + sum(_tree_cpu(int(k), tick) for k in kids)
+
+
+def node_cpu(c: Cloudlet, names: list[str]) -> float:
+    """CPU seconds the nodes' sshds have used so far, with everything under them: the per-connection
+    sshd (crypto), each session's shell and agent."""
+    tick = os.sysconf("SC_CLK_TCK")
+    return sum(_tree_cpu(int(c.node(n).sshd_pidfile.read_text().split()[0]), tick) for n in names)
 
 
 def cpu_round(c: Cloudlet, d: Desired, pool: TransportPool) -> tuple[float, float]:
