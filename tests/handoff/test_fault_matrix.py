@@ -411,19 +411,21 @@ def test_after_the_faults_a_capped_handoff_converges(cloudlet: Cloudlet, instanc
         assert res.destination["memory"]["verified"]
         after = wait_guest(b, PORT)
         assert after["fill_md5"] == before["fill_md5"]
-        # the wire rate over every window of >= 3 s (the samples' own timing jitters by ~0.3 s): at
-        # most the cap plus a burst; and the cap was reached, on a link 16 x faster (else this would
-        # test nothing)
+        # Over every stretch of >= 3 s: at most the cap, plus one message that the source's counter
+        # takes in before the paced channel has sent it (a delta batch is up to ~1 MB); and the cap was
+        # reached, on a link 16 x faster (else this would test nothing).
         limit = cap * 1e6 / 8
-        rates = [
-            (w2 - w1) / (t2 - t1)
+        lead = 2 << 20
+        pairs = [
+            (t2 - t1, w2 - w1)
             for i, (t1, w1) in enumerate(samples)
             for t2, w2 in samples[i + 1 :]
             if t2 - t1 >= 3.0
         ]
-        assert rates, f"the handoff was too short to measure: {samples}"
-        assert max(rates) <= limit * 1.1, (max(rates), samples)
-        assert max(rates) >= limit * 0.6, (max(rates), samples)
+        assert pairs, f"the handoff was too short to measure: {samples}"
+        over = [(dt, dw) for dt, dw in pairs if dw > limit * dt * 1.05 + lead]
+        assert not over, (over, samples)
+        assert max(dw / dt for dt, dw in pairs) >= limit * 0.6, samples
         back = perform(agent(b), agent(a), "fm-1", spec(a), source_address=b.address)
         assert back.destination["memory"]["verified"]
         assert wait_guest(a, PORT)["fill_md5"] == before["fill_md5"]
