@@ -706,9 +706,15 @@ class MemoryDestination:
             back = threading.Thread(target=self._return_path, name="handoff-return-path", daemon=True)
             back.start()
             last = last_ack = 0.0
+            acked = 0
             while True:
-                if not rx.pending() and self._writer is not None:
-                    self._writer.flush()  # never block on the channel with stream bytes held back
+                if not rx.pending():
+                    if self._writer is not None:
+                        self._writer.flush()  # never block on the channel with stream bytes held back
+                    if rx.bytes > acked:  # caught up: say so before blocking, or a sender waiting on
+                        acked = rx.bytes  # its flight window would wait for an ACK that never comes
+                        with contextlib.suppress(OSError):
+                            self.tx.send(ACK, _U64.pack(acked))
                 msg = rx.read()
                 if msg is None:
                     break
@@ -716,8 +722,9 @@ class MemoryDestination:
                 self.stats.wan_in = rx.bytes
                 if time.monotonic() - last_ack >= ACK_EVERY:
                     last_ack = time.monotonic()
+                    acked = rx.bytes
                     with contextlib.suppress(OSError):
-                        self.tx.send(ACK, _U64.pack(rx.bytes))
+                        self.tx.send(ACK, _U64.pack(acked))
                 if mtype == OPAQUE:
                     assert self._writer is not None
                     self._writer.raw(_unlz4(payload))
