@@ -222,6 +222,7 @@ def _handoff(agent: Agent, args: argparse.Namespace) -> int:
             source_address=src_address,
             downtime_ms=args.downtime_ms,
             heatmap=args.heatmap,
+            bandwidth_mbit=args.bandwidth_mbit,
         )
     finally:
         dst.close()
@@ -331,6 +332,12 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("dest", help="Handoff destination - IP address or DNS name.")
     h.add_argument("--port", type=int, default=8022, help="the destination's handoff port (default 8022)")
     h.add_argument("--downtime-ms", type=int, default=1000, help="downtime budget in ms (default 1000)")
+    h.add_argument(
+        "--bandwidth-mbit",
+        type=float,
+        metavar="MBIT",
+        help="cap what this handoff sends over the link, all channels together (default: no cap)",
+    )
     h.add_argument(
         "--heatmap",
         nargs="?",

@@ -73,6 +73,7 @@ def run_handoff(
     out: TextIO | None = None,
     err: TextIO | None = None,
     heatmap: bool | int | None = None,
+    bandwidth_mbit: float | None = None,
 ) -> HandoffResult:
     o = out or sys.stdout
     e = err or sys.stderr
@@ -113,6 +114,7 @@ def run_handoff(
         source_address=source_address,
         on_text=text,
         heatmap=heatmap,
+        bandwidth_mbit=bandwidth_mbit,
     )
     if tty:
         print(file=o)

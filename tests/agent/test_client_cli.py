@@ -83,3 +83,20 @@ def test_unknown_cloudlet_node_is_a_clear_error(monkeypatch: pytest.MonkeyPatch,
     args = argparse.Namespace(host="edge-z", cloudlet="nosuchcloudlet", identity=None, timeout=None)
     with pytest.raises(CloudletError, match="no cloudlet named 'nosuchcloudlet'"):
         client.transport_for(args)
+
+
+def test_handoff_passes_the_bandwidth_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    got: dict[str, Any] = {}
+
+    def fake_run_handoff(src: Any, dst: Any, title: str, spec: Any, **kw: Any) -> None:
+        got.update(kw, title=title, dest=spec.address)
+
+    import nephele.handoff.report as report
+
+    monkeypatch.setattr(report, "run_handoff", fake_run_handoff)
+    monkeypatch.setattr(client, "transport_for", lambda args: fake_node({}, []))
+    argv = ["edge-a", "handoff", "web-1", "edge-b", "--bandwidth-mbit", "12.5"]
+    assert client.main(argv) == 0
+    assert got["title"] == "web-1" and got["bandwidth_mbit"] == 12.5
+    assert client.main(["edge-a", "handoff", "web-1", "edge-b"]) == 0
+    assert got["bandwidth_mbit"] is None
