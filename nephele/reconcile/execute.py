@@ -393,7 +393,16 @@ class _Runner:
 
     def copy_in(self, kind: str, a: Action, o: Observed, progress: EventFn) -> str:
         """Bring an image or snapshot to a.node: from a.source_node (below), or uploaded from the
-        manifest's source file, then imported (the node checks the content id)."""
+        manifest's source file, then imported (the node checks the content id). An image is then
+        warmed for handoffs (its reference images and indexes, libvirt's capabilities), which a
+        handoff into that node would otherwise do first."""
+        note = self._copy_in(kind, a, o, progress)
+        if kind == "image":
+            with contextlib.suppress(NepheleError):  # best effort: a handoff does it itself if needed
+                self.call(a.node, "handoff.warm", {"image": a.name}, progress)
+        return note
+
+    def _copy_in(self, kind: str, a: Action, o: Observed, progress: EventFn) -> str:
         if a.source_node:
             return self.copy_from_node(kind, a, o, progress)
         if not a.source:
