@@ -601,11 +601,13 @@ def main() -> int:
         checks = []
         if fl:
             checks.append(("bytes <= 1.2 x floor", n["link_bytes"] <= 1.2 * fl["link_bytes"]))
+        # issue 5 sets the time targets at 20 Mbit/s; at other rates they are shown for information
+        timed = "" if rate == 20 else "(info) "
         if mf and mf["survived"]:
             checks.append(("bytes <= 0.5 x multifd+zstd", n["link_bytes"] <= 0.5 * mf["link_bytes"]))
-            checks.append(("time <= 0.6 x multifd+zstd", n["total_s"] <= 0.6 * mf["total_s"]))
+            checks.append((f"{timed}time <= 0.6 x multifd+zstd", n["total_s"] <= 0.6 * mf["total_s"]))
         if lv and lv["survived"]:
-            checks.append(("time <= 0.3 x stock libvirt", n["total_s"] <= 0.3 * lv["total_s"]))
+            checks.append((f"{timed}time <= 0.3 x stock libvirt", n["total_s"] <= 0.3 * lv["total_s"]))
         if n["downtime_s"] is not None:
             checks.append(("downtime < 2 s", n["downtime_s"] < 2.0))
             others = [
