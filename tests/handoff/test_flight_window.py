@@ -3,14 +3,12 @@ FLIGHT_SECONDS of the link's rate (from the destination's ACKs) is sent but not 
 
 from __future__ import annotations
 
-import random
 import socket
 import threading
 import time
 from pathlib import Path
 
 from nephele.handoff import memory as m
-from tests.handoff.test_memory_synthetic import BLOCKS, make_stream
 from tests.handoff.test_switchover_check import run_pair
 
 
@@ -59,17 +57,12 @@ def test_a_destination_that_stops_acking_does_not_hang_the_sender() -> None:
         m.FLIGHT_STALL = old
 
 
-def test_the_destination_acks_everything_before_it_waits(tmp_path: Path) -> None:
+def test_the_destination_acks_everything_before_it_waits(
+    tmp_path: Path, case: tuple[bytes, dict[str, Path], dict[str, bytearray]]
+) -> None:
     """A destination that has read everything says so before it blocks: a sender whose flight window is
     full would otherwise wait for an ACK that never comes (a 10 s stall at 100 Mbit/s, measured)."""
-    rng = random.Random(3)
-    base = {name: rng.randbytes(n) for name, n in BLOCKS}
-    refs: dict[str, Path] = {}
-    for i, (name, _n) in enumerate(BLOCKS):
-        p = tmp_path / f"base{i}.ram"
-        p.write_bytes(base[name])
-        refs[m.mem_ref_id(name)] = p
-    stream = make_stream(rng, base, sections=3)
+    stream, refs, _delivered = case
     got, src, dst = run_pair(tmp_path, stream, refs, None)
     assert got == stream and dst.verified  # type: ignore[attr-defined]
     assert src.acked == src.tx.bytes

@@ -10,13 +10,11 @@ import socket
 import threading
 from pathlib import Path
 
-import pytest
-
-from nephele.handoff.memory import MemoryDestination, MemorySource, mem_ref_id
+from nephele.handoff.memory import MemoryDestination, MemorySource
 from nephele.handoff.report import switchover_line
 from nephele.node.guestram import GuestRam
 from nephele.vmstate import stream as s
-from tests.handoff.test_memory_synthetic import BLOCKS, make_stream
+from tests.handoff.test_memory_synthetic import BLOCKS
 from tests.vmstate import streams as st
 
 PAGE = s.PAGE_SIZE
@@ -79,19 +77,6 @@ def run_pair(
         t.join(10)
     dst_qemu.close()
     return bytes(got), src, res["d"]
-
-
-@pytest.fixture
-def case(tmp_path: Path) -> tuple[bytes, dict[str, Path], dict[str, bytearray]]:
-    rng = random.Random(7)
-    base = {name: rng.randbytes(n) for name, n in BLOCKS}
-    refs: dict[str, Path] = {}
-    for i, (name, _n) in enumerate(BLOCKS):
-        p = tmp_path / f"base{i}.ram"
-        p.write_bytes(base[name])
-        refs[mem_ref_id(name)] = p
-    stream = make_stream(rng, base, sections=12)
-    return stream, refs, apply(stream)
 
 
 def test_lost_writes_reach_the_destination(
