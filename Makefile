@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export NUMBA_CACHE_DIR ?= $(CURDIR)/.cache/numba
 
-.PHONY: all bootstrap test unit fuzz check lint typecheck demo bench clean
+.PHONY: faults all bootstrap test unit fuzz check lint typecheck demo bench clean
 all: test
 
 bootstrap:
@@ -17,6 +17,10 @@ test: bootstrap check
 ## make unit: only the tests that need no VM, node or namespace
 unit: bootstrap
 	$(PY) -m pytest -q -m "not integration"
+
+## make faults: the handoff fault matrix on real nodes (phase x fault, ~9 min; docs/faults.md)
+faults: bootstrap
+	$(PY) -m pytest -q tests/handoff/test_fault_matrix.py
 
 ## make fuzz: the fuzz suite (tests/fuzz) with 30x the examples of its pass in `make test`, fresh random
 ## inputs each run (docs/fuzzing.md)
