@@ -37,6 +37,7 @@ from nephele.handoff.memory import MemoryDestination, MemoryStats
 from nephele.handoff.records import HandoffRecord, Records
 from nephele.node import domain as dx
 from nephele.node import images, instances, migrate
+from nephele.node.procs import pid_alive
 from nephele.node.runtime import NodeContext
 from nephele.node.store import atomic_write_json
 
@@ -355,23 +356,13 @@ def scratch_dir(ctx: NodeContext, pid: int | None = None) -> Path:
     return ctx.store.tmp / f"handoff-{pid or os.getpid()}"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def sweep_stale(ctx: NodeContext) -> list[str]:
     """Remove what killed receivers left: scratch dirs of dead pids, and incoming instance dirs (marked,
     receiver dead) with no domain. Never touches a dir whose receiver lives or whose domain exists."""
     removed = []
     for d in ctx.store.tmp.glob("handoff-*"):
         pid = d.name.removeprefix("handoff-")
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(d, ignore_errors=True)
             removed.append(str(d))
     for marker in ctx.store.instances.glob(f"*/{INCOMING}"):
@@ -384,7 +375,7 @@ def sweep_stale(ctx: NodeContext) -> list[str]:
             owner = int(marker.read_text().strip() or 0)
         except (OSError, ValueError):
             owner = 0
-        if owner and _alive(owner):
+        if owner and pid_alive(owner):
             continue
         if migrate.domain_state(ctx.hv, uuid) is not None:
             continue

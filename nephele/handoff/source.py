@@ -32,6 +32,7 @@ from nephele.handoff.memory import ABORT, MemorySource, MemoryStats
 from nephele.node import domain as dx
 from nephele.node import guestram, images, instances, migrate
 from nephele.node.guestram import GuestRam
+from nephele.node.procs import pid_alive
 from nephele.node.runtime import NodeContext
 
 PROGRESS_PREFIX = "@handoff "
@@ -87,13 +88,7 @@ def _mark_is_live(ctx: NodeContext, uuid: str, tags: dict[str, str]) -> bool:
     set it is alive (a mark without a pid: libvirt still has a job on the domain)."""
     pid = tags.get("handoff_pid", "")
     if pid.isdigit():
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
+        return pid_alive(int(pid))
     return migrate.has_job(ctx.hv, uuid)
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from nephele.errors import LockHeld, NepheleError
+from nephele.node.procs import pid_alive
 from nephele.reconcile import statedir
 
 FILE = "lock.json"
@@ -58,16 +59,6 @@ def _now() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def read(directory: Path) -> LockInfo | None:
     data = statedir.read_json(directory / FILE, "lock file")
     if data is None:
@@ -82,7 +73,7 @@ def read(directory: Path) -> LockInfo | None:
 
 def is_stale(info: LockInfo) -> bool:
     """True when the holder certainly died: it ran on this host and its pid is gone."""
-    return info.host == socket.gethostname() and not _pid_alive(info.pid)
+    return info.host == socket.gethostname() and not pid_alive(info.pid)
 
 
 def _held_message(info: LockInfo, directory: Path) -> str:

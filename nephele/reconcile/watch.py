@@ -46,6 +46,7 @@ import yaml
 
 from nephele.errors import LockHeld, ManifestError, NepheleError, Problem
 from nephele.model import Desired, NodeObservation, Observed
+from nephele.node.procs import pid_alive
 from nephele.reconcile import execute, locks, statedir
 from nephele.reconcile.actions import Action, Plan
 from nephele.reconcile.controller import Controller, read_manifest, revision
@@ -205,13 +206,7 @@ def read_state(directory: Path) -> dict[str, Any] | None:
     pid, host = data.get("pid"), data.get("host")
     alive = False
     if data.get("state") not in ("stopped",) and host == socket.gethostname() and isinstance(pid, int):
-        try:
-            os.kill(pid, 0)
-            alive = True
-        except ProcessLookupError:
-            alive = False
-        except PermissionError:
-            alive = True
+        alive = pid_alive(pid)
     data["alive"] = alive
     return data
 
