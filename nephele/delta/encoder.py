@@ -132,6 +132,11 @@ class Encoder:
         if len(self._targets) >= W.MAX_TARGETS:
             raise DeltaError("too many targets")
         bpos = self.refs.position(base) if base is not None else None
+        if bpos is not None and self.refs.readers[bpos] is None:
+            raise DeltaError(
+                f"target {name!r}: base {base!r} is a remote reference (hashes only): a base must be "
+                "readable here (BASE and XOR compare and combine its bytes)"
+            )
         n = nblocks_of(size)
         t = _TargetState(len(self._targets), name, kind, size, n, bpos, int(self._tstart[-1]))
         init = np.empty((n, 2), np.uint64)
@@ -193,7 +198,7 @@ class Encoder:
             has_base = blocks < bix.nblocks
             sel = np.flatnonzero(has_base)
             if sel.size:
-                base_rows[sel] = self.refs.readers[t.base].gather(blocks[sel])
+                base_rows[sel] = self.refs.reader(t.base).gather(blocks[sel])
                 base_h[sel] = bix.hashes[blocks[sel]]
         self.stats.input_bytes += rows.shape[0] * BLOCK
         self._put(t, blocks, rows, base_rows, has_base, base_h, self.emit_keep)
@@ -221,15 +226,28 @@ class Encoder:
             data64, base64, has_base, base_h, gidx, self._cur_h, self._stamp, self._call,
             rs.keys, rs.vals, rs.h2s, self._skeys, self._svals, self._tstart, cls, arg,
         )  # fmt: skip
-        self._confirm_refs(cls, arg, rows, base_rows, has_base)
+        self._confirm_refs(cls, arg, rows, base_rows, has_base, gidx)
         idx = np.arange(n) if emit_keep else np.flatnonzero(cls != K.KEEP)
         if idx.size:
             self._emit(t, blocks[idx], cls[idx], arg[idx], rows, base_rows, idx)
 
     def _confirm_refs(
-        self, cls: np.ndarray, arg: np.ndarray, rows: np.ndarray, base_rows: np.ndarray, has_base: np.ndarray
+        self,
+        cls: np.ndarray,
+        arg: np.ndarray,
+        rows: np.ndarray,
+        base_rows: np.ndarray,
+        has_base: np.ndarray,
+        gidx: np.ndarray,
     ) -> None:
-        """Compare each reference candidate with the reference's bytes; a mismatch is sent by value."""
+        """Compare each reference candidate with the reference's bytes; a mismatch is sent by value.
+
+        A remote reference (only its index is here) is confirmed by the full 128-bit hash instead: the
+        block's hash (classify left it in _cur_h) against the one the receiver sent for that block. The
+        table lookup compared h2 and a key derived from h1 (0 and 1 share a key), so this is exact. What
+        remains is a 2^-128 chance per candidate, and the receiver's end-to-end checks (the targets'
+        digests, any checksum its caller keeps over the rebuilt bytes) turn a wrong block into a failed
+        stream, never a silent one."""
         refi = np.flatnonzero(cls == K.REF)
         if refi.size == 0:
             return
@@ -240,6 +258,11 @@ class Encoder:
         for r in np.unique(rpos):
             sel = np.flatnonzero(rpos == r)
             reader = self.refs.readers[int(r)]
+            if reader is None:  # remote: the full 128-bit hash
+                have = self._cur_h[gidx[refi[sel]]]
+                want = self.refs.indexes[int(r)].hashes[rblk[sel]]
+                eq[sel] = (have == want).all(axis=1)
+                continue
             ref = reader.mapped()
             part = np.empty(sel.size, np.bool_)
             if ref is not None and int(rblk[sel].max()) < ref.shape[0]:
@@ -521,7 +544,7 @@ def _encode_file(enc: Encoder, t: _TargetState, fd: int, path: Path, sha256: boo
     tail = np.zeros((cap, BLOCK), np.uint8)
     bbuf = np.zeros((cap, BLOCK), np.uint8)
     base_n = rs.indexes[t.base].nblocks if t.base is not None else 0
-    base_reader = rs.readers[t.base] if t.base is not None else None
+    base_reader = rs.reader(t.base) if t.base is not None else None
     base_h = np.zeros((cap, 2), np.uint64)
     has_base = np.zeros(cap, np.bool_)
     sha = hashlib.sha256() if sha256 else None

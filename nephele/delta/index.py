@@ -110,10 +110,25 @@ class BlockIndex:
     ino: int
     hashes: np.ndarray  # uint64[n, 2]
     digest: bytes
+    # The index of an image this process cannot read (the receiver holds it; only its hashes were sent
+    # here): the encoder accepts a match on it by the full 128-bit hash, with no byte comparison.
+    remote: bool = False
 
     @property
     def nblocks(self) -> int:
         return int(self.hashes.shape[0])
+
+    @classmethod
+    def from_remote(cls, size: int, hashes: np.ndarray, digest: bytes) -> BlockIndex:
+        """The index of an image only the receiver holds, from what it sent: the size and digest of its
+        whole index (the decoder checks them against the image it holds), and the hashes of the blocks
+        it offers, the others set to the zero block's hash (never offered as references)."""
+        if size < 0 or len(digest) != 32:
+            raise DeltaError(f"remote index: bad size {size} or digest of {len(digest)} bytes")
+        h = np.ascontiguousarray(hashes, dtype=np.uint64)
+        if h.ndim != 2 or h.shape != (nblocks_of(size), 2):
+            raise DeltaError(f"remote index: {h.shape} hashes for an image of {nblocks_of(size)} blocks")
+        return cls(Path(), size, 0, 0, h, bytes(digest), remote=True)
 
     @staticmethod
     def index_path(image: Path) -> Path:
@@ -289,20 +304,30 @@ class RefSet:
 
     ids: list[str]
     indexes: list[BlockIndex]
-    readers: list[RefReader] = field(default_factory=list)
+    readers: list[RefReader | None] = field(default_factory=list)  # None: a remote index (no bytes here)
     keys: np.ndarray = field(default_factory=lambda: np.zeros(1, np.uint64))
     vals: np.ndarray = field(default_factory=lambda: np.zeros(1, np.int64))
     h2s: np.ndarray = field(default_factory=lambda: np.zeros(1, np.uint64))
 
     @classmethod
-    def open(cls, refs: Mapping[str, Path], *, cache: bool = True, table: bool = True) -> RefSet:
+    def open(cls, refs: Mapping[str, Path | BlockIndex], *, cache: bool = True, table: bool = True) -> RefSet:
+        """refs: id -> the image's path, or a remote BlockIndex (BlockIndex.from_remote) for an image
+        only the receiver holds."""
         ids = list(refs)
         for rid in ids:
             if not rid or len(rid.encode()) > 255:
                 raise DeltaError(f"reference id {rid!r} must be 1 to 255 bytes")
-        indexes = [BlockIndex.load_or_build(Path(refs[r]), cache=cache) for r in ids]
+        indexes = []
+        for r in ids:
+            v = refs[r]
+            if isinstance(v, BlockIndex):
+                if not v.remote:
+                    raise DeltaError(f"reference {r!r}: pass a local image by its path, not its index")
+                indexes.append(v)
+            else:
+                indexes.append(BlockIndex.load_or_build(Path(v), cache=cache))
         rs = cls(ids, indexes)
-        rs.readers = [RefReader(ix.path, ix.size) for ix in indexes]
+        rs.readers = [None if ix.remote else RefReader(ix.path, ix.size) for ix in indexes]
         if table:
             rs.build_table()
         return rs
@@ -324,6 +349,14 @@ class RefSet:
                 f"unknown reference image {rid!r} (known: {', '.join(self.ids) or 'none'})"
             ) from None
 
+    def reader(self, pos: int) -> RefReader:
+        """The reader of a local reference image (a remote one has no bytes here)."""
+        r = self.readers[pos]
+        if r is None:
+            raise DeltaError(f"reference image {self.ids[pos]!r} is remote: only its hashes are known here")
+        return r
+
     def close(self) -> None:
         for r in self.readers:
-            r.close()
+            if r is not None:
+                r.close()
