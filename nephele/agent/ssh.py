@@ -193,3 +193,56 @@ class SSHTransport:
                 raise AgentError(
                     f"copy {self.host}:{remote} -> {local} failed: {exc}", node=self.node
                 ) from None
+
+    # --------------------------------------------------------------------------- resumable files
+
+    # A transfer that moves no byte for this long is a cut link (None: connect_timeout): it fails
+    # with NodeUnreachable, so the reconciler retries it and the copy resumes where it stopped.
+    stall_timeout: float | None = None
+
+    def put_file_at(self, local: str | Path, remote: str, offset: int) -> int:
+        """Write local[offset:] at `offset` of the remote file (ResumableFiles)."""
+        return self._transfer_at(local, remote, offset, upload=True)
+
+    def get_file_at(self, remote: str, local: str | Path, offset: int) -> int:
+        """Write remote[offset:] at `offset` of the local file (ResumableFiles)."""
+        return self._transfer_at(local, remote, offset, upload=False)
+
+    def _transfer_at(self, local: str | Path, remote: str, offset: int, *, upload: bool) -> int:
+        what = f"{local} -> {self.host}:{remote}" if upload else f"{self.host}:{remote} -> {local}"
+        mode = "r+b" if offset else "wb"
+        with self._lock:
+            try:
+                sftp = self._connection().sftp()
+                channel = sftp.get_channel()
+                assert channel is not None
+                channel.settimeout(self.stall_timeout or self.connect_timeout)
+                try:
+                    if upload:
+                        with open(local, "rb") as src, sftp.open(remote, mode) as dst:
+                            dst.set_pipelined(True)
+                            return _pump(src, dst, offset)
+                    with sftp.open(remote, "rb") as src, open(local, mode) as dst:
+                        src.seek(offset)
+                        src.prefetch()  # pipelined reads from `offset` on
+                        return _pump(src, dst, offset)
+                finally:
+                    channel.settimeout(None)
+            except (TimeoutError, ConnectionError, EOFError, paramiko.SSHException) as exc:
+                self._drop()  # the session is dead or stuck: the next call reconnects
+                raise NodeUnreachable(
+                    f"copy {what} broke off: {exc or type(exc).__name__}", node=self.node
+                ) from None
+            except OSError as exc:
+                raise AgentError(f"copy {what} failed: {exc}", node=self.node) from None
+
+
+def _pump(src: Any, dst: Any, offset: int) -> int:
+    src.seek(offset)
+    dst.seek(offset)
+    dst.truncate(offset)
+    moved = 0
+    while chunk := src.read(1 << 20):
+        dst.write(chunk)
+        moved += len(chunk)
+    return moved

@@ -73,6 +73,12 @@ class FakeTransport:
     def get_file(self, remote: str, local: str | Path) -> None:
         shutil.copyfile(remote, local)
 
+    def put_file_at(self, local: str | Path, remote: str, offset: int) -> int:
+        return copy_from_offset(local, remote, offset)
+
+    def get_file_at(self, remote: str, local: str | Path, offset: int) -> int:
+        return copy_from_offset(remote, local, offset)
+
     def close(self) -> None:
         pass
 
@@ -142,6 +148,12 @@ class LocalTransport:
     def get_file(self, remote: str, local: str | Path) -> None:
         shutil.copyfile(remote, local)
 
+    def put_file_at(self, local: str | Path, remote: str, offset: int) -> int:
+        return copy_from_offset(local, remote, offset)
+
+    def get_file_at(self, remote: str, local: str | Path, offset: int) -> int:
+        return copy_from_offset(remote, local, offset)
+
     def close(self) -> None:
         pass
 
@@ -161,3 +173,31 @@ def _parse_reply(out: bytes, returncode: int | None, stderr_tail: list[str], nod
     # The response is the last line: anything printed before it by a library is not ours to parse.
     last = out.strip().splitlines()[-1]
     return protocol.decode(last, what="the agent's response", node=node)
+
+
+# ------------------------------------------------------------------------------- resumable copies
+
+
+@runtime_checkable
+class ResumableFiles(Protocol):
+    """A transport that can complete a file copy from an offset (reconcile's resumable copies): the
+    bytes of the source from `offset` on are written at `offset` of the destination, which already
+    holds the first `offset` bytes (offset 0: the destination is created or truncated). Returns the
+    bytes moved. A transport without these methods copies whole files only."""
+
+    def put_file_at(self, local: str | Path, remote: str, offset: int) -> int: ...
+
+    def get_file_at(self, remote: str, local: str | Path, offset: int) -> int: ...
+
+
+def copy_from_offset(src: str | Path, dst: str | Path, offset: int) -> int:
+    """ResumableFiles for two paths on this machine."""
+    with open(src, "rb") as fin, open(dst, "r+b" if offset else "wb") as fout:
+        fin.seek(offset)
+        fout.seek(offset)
+        fout.truncate()
+        moved = 0
+        while chunk := fin.read(1 << 20):
+            fout.write(chunk)
+            moved += len(chunk)
+    return moved

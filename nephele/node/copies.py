@@ -34,6 +34,7 @@ import json
 import os
 import shutil
 import struct
+import time
 import zipfile
 import zlib
 from collections.abc import Iterator
@@ -429,14 +430,85 @@ def discard(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
     """Remove a file a copy left in `<root>/tmp/` (an export fetched, an upload imported). Only plain
     files directly in tmp/ named `nephele-*` are removed; anything else is refused."""
     raw = args.get("path")
-    if not isinstance(raw, str) or not raw or "\0" in raw:
-        raise InvalidInput("copy discard: no usable path given")
-    path = Path(raw)
-    tmp = ctx.store.tmp.resolve()
-    if path.parent.resolve() != tmp or not path.name.startswith("nephele-") or path.is_symlink():
-        raise InvalidInput(f"copy discard: {raw} is not a copy's file in {tmp}")
-    if path.is_dir():
-        raise InvalidInput(f"copy discard: {raw} is a directory")
+    path = _tmp_file(ctx, raw, "copy discard")
     existed = path.exists()
     path.unlink(missing_ok=True)
     return {"path": raw, "removed": existed}
+
+
+# ---------------------------------------------------------------------------------------- partials
+
+PART_PREFIX = "nephele-part-"  # an upload named by its content, kept across retries to resume
+EXPORT_PREFIX = "nephele-export-"  # a copy's export on the sending node, kept until it is fetched
+PARTIAL_MAX_AGE = 24 * 3600.0  # a partial not touched for this long is swept: its copy was given up
+
+
+def _tmp_file(ctx: NodeContext, raw: Any, what: str) -> Path:
+    """A plain `nephele-*` file directly in `<root>/tmp/` (what the copy ops may read or remove)."""
+    if not isinstance(raw, str) or not raw or "\0" in raw:
+        raise InvalidInput(f"{what}: no usable path given")
+    path = Path(raw)
+    tmp = ctx.store.tmp.resolve()
+    if path.parent.resolve() != tmp or not path.name.startswith("nephele-") or path.is_symlink():
+        raise InvalidInput(f"{what}: {raw} is not a copy's file in {tmp}")
+    if path.is_dir():
+        raise InvalidInput(f"{what}: {raw} is a directory")
+    return path
+
+
+def sweep_partials(ctx: NodeContext, *, keep: Path | None = None, max_age: float = PARTIAL_MAX_AGE) -> int:
+    """Remove partial uploads and kept exports in tmp/ untouched for `max_age` seconds (their copy was
+    given up: a resumed one appends and so renews the time). Returns the bytes freed."""
+    freed = 0
+    now = time.time()
+    for prefix in (PART_PREFIX, EXPORT_PREFIX):
+        for path in ctx.store.tmp.glob(f"{prefix}*"):
+            if path == keep or path.is_symlink() or not path.is_file():
+                continue
+            with contextlib.suppress(OSError):
+                st = path.stat()
+                if now - st.st_mtime > max_age:
+                    path.unlink()
+                    freed += st.st_size
+                    ctx.log.info("swept the stale partial %s (%d bytes)", path, st.st_size)
+    return freed
+
+
+def partial(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
+    """What this node holds of a copy's file in tmp/, so the controller sends only the rest:
+
+        copy.partial {path, upto?, expect?} -> {path, size, sha256, free}
+
+    `size` is the file's length (-1: no such file), `sha256` the digest of its first min(size, upto)
+    bytes (the whole file without `upto`), which the controller compares with the same prefix of its
+    own copy. `expect`: the whole file's size the controller is about to complete; NoSpace when tmp/
+    cannot hold the rest (the partial itself is already counted as used). Stale partials are swept
+    first (PARTIAL_MAX_AGE)."""
+    path = _tmp_file(ctx, args.get("path"), "copy partial")
+    upto = args.get("upto")
+    if upto is not None and (not isinstance(upto, int) or isinstance(upto, bool) or upto < 0):
+        raise InvalidInput(f"copy partial: upto must be a byte count, not {upto!r}")
+    expect = args.get("expect")
+    if expect is not None and (not isinstance(expect, int) or isinstance(expect, bool) or expect < 0):
+        raise InvalidInput(f"copy partial: expect must be a byte count, not {expect!r}")
+    sweep_partials(ctx, keep=path)
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            left = size if upto is None else min(size, upto)
+            while left > 0 and (chunk := f.read(min(left, 1 << 20))):
+                h.update(chunk)
+                left -= len(chunk)
+    except FileNotFoundError:
+        size = -1
+    have = max(size, 0)
+    if expect is not None and expect > have:
+        space.require(
+            ctx.store.tmp,
+            expect - have,
+            what=f"copy to {path}",
+            node=ctx.hostname,
+            detail=f"to complete the {space.human(expect)} file",
+        )
+    return {"path": str(path), "size": size, "sha256": h.hexdigest(), "free": space.free_bytes(ctx.store.tmp)}

@@ -55,6 +55,7 @@ OPS: dict[str, Op] = {
     "image.export_delta": copies.export_delta,  # a copy to a node: only what it lacks (copies.py)
     "image.import_delta": copies.import_delta,
     "copy.discard": copies.discard,  # a copy's file in tmp/, once fetched or imported
+    "copy.partial": copies.partial,  # what a node holds of a copy's file: resume, not restart
     "snapshot.build": snapshots.build,
     "snapshot.ls": snapshots.ls,
     "snapshot.rm": snapshots.rm,

@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
+import dataclasses
 import enum
+import shutil
 import tempfile
 import threading
 import time
@@ -37,6 +39,7 @@ from typing import Any
 from nephele.agent import Agent, AgentTransport
 from nephele.errors import NepheleError, NodeUnreachable, PlanError, RemoteError
 from nephele.model import Desired, InstanceState, NodeObservation, NodeSpec, Observed
+from nephele.reconcile import transfer
 from nephele.reconcile.actions import BUCKET, BUCKETS, Action, ActionKind, Plan
 from nephele.reconcile.inventory import InventoryStore
 from nephele.reconcile.journal import Journal
@@ -81,6 +84,8 @@ class ApplyOptions:
     backoff_max: float = 30.0
     call_timeout: float | None = 1800.0  # per changing call (not handoffs); None: no limit
     observe_timeout: float = 30.0
+    resume_copies: bool = True  # image/snapshot copies resume after a cut link (reconcile/transfer.py)
+    copies_dir: Path | None = None  # their partials; default: <state dir>/copies beside the inventory
 
 
 @dataclass
@@ -257,6 +262,11 @@ class _Runner:
         self.handoff_fn = handoff_fn
         self.base_dir = base_dir
         self.say = say
+        # Resumable copies keep their partials here (the state dir's copies/; a temporary directory
+        # for this apply when there is none).
+        self.copies_dir = options.copies_dir
+        self._own_copies_dir = False
+        self._copies_lock = threading.Lock()
 
     def call(self, node: str, op: str, args: Mapping[str, Any], progress: EventFn | None = None) -> Any:
         """A call that changes the node. A timeout is not retried: the op may still be running there,
@@ -412,12 +422,22 @@ class _Runner:
             local = self.base_dir / local
         if not local.is_file():
             raise ActionFailed(f"{a.address}: source file {local} does not exist")
-        remote = self.tmp_path(a.node, kind, a.name)
-        progress(f"uploading {local.name} ({mib(local.stat().st_size)})")
-        self.transports(a.node).put_file(local, remote)
-        # The import removes its upload from tmp/ (node/images.discard_upload).
-        self.call(a.node, f"{kind}.import", {"path": remote, "name": a.name}, progress)
-        return f"from {a.source}"
+        t = self.transports(a.node)
+        if not (self.opts.resume_copies and transfer.can_resume(t)):
+            remote = self.tmp_path(a.node, kind, a.name)
+            progress(f"uploading {local.name} ({mib(local.stat().st_size)})")
+            t.put_file(local, remote)
+            # The import removes its upload from tmp/ (node/images.discard_upload).
+            self.call(a.node, f"{kind}.import", {"path": remote, "name": a.name}, progress)
+            return f"from {a.source}"
+        # Named by its content: a retry after a cut link finds the partial and sends only the rest.
+        digest = transfer.sha256_of(local)
+        remote = f"{self.d.nodes[a.node].root}/tmp/{transfer.part_name(kind, a.name, digest)}"
+        try:
+            moved = self.upload_and_import(kind, a, local, remote, f"{kind}.import", progress)
+        except _NoSuchOp as exc:
+            raise exc.error from None
+        return f"from {a.source}" + resumed_note(moved)
 
     def tmp_path(self, node: str, kind: str, name: str) -> str:
         return f"{self.d.nodes[node].root}/tmp/nephele-{kind}-{name}-{uuid.uuid4().hex[:8]}.zip"
@@ -430,50 +450,186 @@ class _Runner:
                 "copy.discard", {"path": path}, timeout=self.opts.observe_timeout
             )
 
+    def ask_partial(self, node: str) -> transfer.Ask:
+        """copy.partial on `node`; the function returns None when the node has no such op."""
+
+        def ask(args: dict[str, Any]) -> dict[str, Any] | None:
+            try:
+                res = Agent(self.transports(node)).call("copy.partial", args, timeout=self.opts.call_timeout)
+            except RemoteError as exc:
+                if exc.kind == "unsupported":
+                    return None
+                raise
+            return res if isinstance(res, dict) else None
+
+        return ask
+
+    def upload_and_import(
+        self, kind: str, a: Action, local: Path, remote: str, imp: str, progress: EventFn
+    ) -> transfer.Moved:
+        """Upload (resuming a partial) and import. An import that refuses a resumed upload (it removes
+        the upload either way) gets the file whole once more: the import's check is the last word."""
+        t = self.transports(a.node)
+        moved = transfer.upload(t, self.ask_partial(a.node), local, remote, progress)
+        try:
+            self.call_op(a.node, imp, {"path": remote, "name": a.name}, progress)
+        except RemoteError as exc:
+            if not moved.resumed_at or exc.kind != "invalid_input":
+                raise
+            progress(f"the resumed upload did not verify ({exc}): sending it whole")
+            self.discard(a.node, remote)  # the import removed it already; a node that did not, now
+            again = transfer.upload(t, self.ask_partial(a.node), local, remote, progress)
+            self.call_op(a.node, imp, {"path": remote, "name": a.name}, progress)
+            return transfer.Moved(moved.size, 0, moved.sent + again.sent)
+        return moved
+
     def copy_from_node(self, kind: str, a: Action, o: Observed, progress: EventFn) -> str:
         """Export on a.source_node, copy through the controller, import on a.node. An image is
         encoded against the images a.node already holds (`image.export_delta`, nephele/node/copies.py),
         so only what it lacks crosses; a node without those ops gets the whole export. A snapshot's
-        export is a delta against its image already (which a.node holds: the plan copies it first)."""
+        export is a delta against its image already (which a.node holds: the plan copies it first).
+        Both hops resume after a cut link (copy_resuming); a node or transport that cannot resume
+        gets whole-file copies."""
         assert a.source_node is not None
         held = sorted({i.content_id for i in o.nodes[a.node].images.values() if i.content_id})
         modes = ["delta", "whole"] if kind == "image" else ["whole"]
+        resume = (
+            self.opts.resume_copies
+            and transfer.can_resume(self.transports(a.source_node))
+            and transfer.can_resume(self.transports(a.node))
+        )
         for mode in modes:
-            src_remote = self.tmp_path(a.source_node, kind, a.name)
             if mode == "delta":
                 export, imp = "image.export_delta", "image.import_delta"
-                what: dict[str, Any] = {"id": a.name, "dest": src_remote, "refs": held}
+                what: dict[str, Any] = {"id": a.name, "refs": held}
             else:
                 # image.export names its object "id", snapshot.export "name": both given, each reads its own.
                 export, imp = f"{kind}.export", f"{kind}.import"
-                what = {"id": a.name, "name": a.name, "dest": src_remote}
+                what = {"id": a.name, "name": a.name}
             try:
-                res = self.call(a.source_node, export, what, progress)
-            except RemoteError as exc:
-                if exc.kind == "unsupported" and mode != modes[-1]:
-                    progress(f"{a.source_node} has no {export}: copying the whole {kind}")
+                note = None
+                if resume:
+                    note = self.copy_resuming(kind, a, o, mode, export, imp, what, held, progress)
+                if note is None:
+                    note = self.copy_whole(kind, a, mode, export, imp, what, progress)
+                return f"from {a.source_node}, {note}"
+            except _NoSuchOp as exc:
+                if mode != modes[-1]:
+                    progress(f"{exc.node} has no {exc.op}: copying the whole {kind}")
                     continue
-                raise
-            remote = self.tmp_path(a.node, kind, a.name)
-            try:
-                sent = int(res.get("file_bytes", 0)) if isinstance(res, dict) else 0
-                progress(f"copying {mib(sent) if sent else 'it'} from {a.source_node} through the controller")
-                with tempfile.TemporaryDirectory(prefix="nephele-copy-") as tmp:
-                    local = Path(tmp) / f"{a.name}.zip"
-                    self.transports(a.source_node).get_file(src_remote, local)
-                    sent = local.stat().st_size
-                    self.transports(a.node).put_file(local, remote)
-            finally:
-                self.discard(a.source_node, src_remote)
-            try:
-                self.call(a.node, imp, {"path": remote, "name": a.name}, progress)
-            except RemoteError as exc:
-                if exc.kind == "unsupported" and mode != modes[-1]:
-                    progress(f"{a.node} has no {imp}: copying the whole {kind}")
-                    continue
-                raise
-            return f"from {a.source_node}, {copy_note(mode, sent, res)}"
+                raise exc.error from None
         raise ActionFailed(f"{a.address}: no way to copy it from {a.source_node}")  # pragma: no cover
+
+    def call_op(self, node: str, op: str, args: Mapping[str, Any], progress: EventFn) -> Any:
+        try:
+            return self.call(node, op, args, progress)
+        except RemoteError as exc:
+            if exc.kind == "unsupported":
+                raise _NoSuchOp(node, op, exc) from exc
+            raise
+
+    def copy_whole(
+        self, kind: str, a: Action, mode: str, export: str, imp: str, what: dict[str, Any], progress: EventFn
+    ) -> str:
+        """Export, fetch and upload whole files under random names (nodes or transports that cannot
+        resume)."""
+        assert a.source_node is not None
+        src_remote = self.tmp_path(a.source_node, kind, a.name)
+        res = self.call_op(a.source_node, export, {**what, "dest": src_remote}, progress)
+        remote = self.tmp_path(a.node, kind, a.name)
+        try:
+            sent = int(res.get("file_bytes", 0)) if isinstance(res, dict) else 0
+            progress(f"copying {mib(sent) if sent else 'it'} from {a.source_node} through the controller")
+            with tempfile.TemporaryDirectory(prefix="nephele-copy-") as tmp:
+                local = Path(tmp) / f"{a.name}.zip"
+                self.transports(a.source_node).get_file(src_remote, local)
+                sent = local.stat().st_size
+                self.transports(a.node).put_file(local, remote)
+        finally:
+            self.discard(a.source_node, src_remote)
+        self.call_op(a.node, imp, {"path": remote, "name": a.name}, progress)
+        return copy_note(mode, sent, res)
+
+    def copy_resuming(
+        self,
+        kind: str,
+        a: Action,
+        o: Observed,
+        mode: str,
+        export: str,
+        imp: str,
+        what: dict[str, Any],
+        held: list[str],
+        progress: EventFn,
+    ) -> str | None:
+        """The export is made once under a name derived from what it holds (kept on the source until
+        fetched, its result recorded under the controller's copies dir), fetched into a controller
+        partial named by its sha256, uploaded into a node partial of the same name: a retry after a
+        cut link reuses the export and resumes both hops. None: the source node cannot resume."""
+        assert a.source_node is not None
+        src, parts = a.source_node, self.partials()
+        parts.sweep()
+        obj = o.nodes[src].images.get(a.name) if kind == "image" else o.nodes[src].snapshots.get(a.name)
+        key = transfer.export_key(kind, a.name, src, obj.content_id if obj else "", mode, held)
+        src_remote = f"{self.d.nodes[src].root}/tmp/{transfer.export_name(kind, a.name, key)}"
+        ask_src = self.ask_partial(src)
+        rec = parts.record(key)
+        local = parts.part(rec["digest"]) if rec else None
+        if rec and local and local.is_file() and local.stat().st_size == rec["size"]:
+            if transfer.sha256_of(local) == rec["digest"]:
+                progress(f"the export of the last attempt is here already ({mib(rec['size'])})")
+            else:
+                local.unlink()
+                rec = None
+        elif rec:
+            have = ask_src({"path": src_remote})
+            if have is None:
+                return None
+            if have["size"] != rec["size"] or have["sha256"] != rec["digest"]:
+                rec = None  # the export is gone or another: export again
+            else:
+                progress(f"reusing the export of the last attempt on {src} ({mib(rec['size'])})")
+            if rec is not None:
+                assert local is not None
+                transfer.fetch(
+                    self.transports(src), ask_src, src_remote, local, rec["size"], rec["digest"], progress
+                )
+        if rec is None:
+            if ask_src({"path": src_remote}) is None:  # also sweeps the source's stale partials
+                return None
+            res = self.call_op(src, export, {**what, "dest": src_remote}, progress)
+            info = ask_src({"path": src_remote})
+            if info is None or info["size"] < 0:
+                raise ActionFailed(f"{a.address}: {export} on {src} left no file at {src_remote}")
+            rec = {
+                "digest": info["sha256"],
+                "size": info["size"],
+                "result": res if isinstance(res, dict) else {},
+            }
+            parts.save(key, rec)
+            local = parts.part(rec["digest"])
+            progress(f"copying {mib(rec['size'])} from {src} through the controller")
+            transfer.fetch(
+                self.transports(src), ask_src, src_remote, local, rec["size"], rec["digest"], progress
+            )
+        assert local is not None
+        self.discard(src, src_remote)  # fetched and verified: the source's copy is no longer needed
+        remote = f"{self.d.nodes[a.node].root}/tmp/{transfer.part_name(kind, a.name, rec['digest'])}"
+        try:
+            moved = self.upload_and_import(kind, a, local, remote, imp, progress)
+        except _NoSuchOp:  # the target cannot import this kind of export: the caller tries another
+            parts.forget(key, rec["digest"])
+            self.discard(a.node, remote)
+            raise
+        parts.forget(key, rec["digest"])
+        return copy_note(mode, rec["size"], rec["result"]) + resumed_note(moved)
+
+    def partials(self) -> transfer.Partials:
+        with self._copies_lock:
+            if self.copies_dir is None:
+                self.copies_dir = Path(tempfile.mkdtemp(prefix="nephele-copies-"))
+                self._own_copies_dir = True
+        return transfer.Partials(self.copies_dir)
 
     def handoff(self, a: Action, o: Observed, progress: EventFn) -> str:
         if not a.source_node:
@@ -499,6 +655,19 @@ class _Runner:
 
 def mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
+
+
+def resumed_note(moved: transfer.Moved) -> str:
+    """`, resumed at 12.0 MiB of 33.8 MiB` when the upload went on from a partial."""
+    return f", resumed at {mib(moved.resumed_at)} of {mib(moved.size)}" if moved.resumed_at else ""
+
+
+class _NoSuchOp(NepheleError):
+    """A node answered `unsupported` for an op of a copy (an older nephele): try another way."""
+
+    def __init__(self, node: str, op: str, error: RemoteError) -> None:
+        super().__init__(str(error))
+        self.node, self.op, self.error = node, op, error
 
 
 def copy_note(mode: str, sent: int, res: Any) -> str:
@@ -738,6 +907,8 @@ def apply(
             say(line)
 
     base = base_dir or (Path(desired.source).resolve().parent if desired.source else Path.cwd())
+    if opts.copies_dir is None and inventory is not None:
+        opts = dataclasses.replace(opts, copies_dir=inventory.path.parent / "copies")
     runner = _Runner(desired, transports, opts, handoff_fn, base, locked_say)
     ex = _Executor(
         plan,
@@ -751,4 +922,8 @@ def apply(
         clock=clock,
         should_start=should_start,
     )
-    return ex.run()
+    try:
+        return ex.run()
+    finally:
+        if runner._own_copies_dir and runner.copies_dir is not None:
+            shutil.rmtree(runner.copies_dir, ignore_errors=True)
