@@ -36,6 +36,24 @@ ERROR_KINDS = (
     "node",
 )
 
+# The ops a resident agent (`nephele agent serve`, one process answering many requests) runs: read-only
+# ones that start no thread, process or signal handler of their own, take no lock and keep nothing
+# between requests, so the next request finds the process as the last one left it (libvirt's event loop
+# thread, started once per process by the first op that opens libvirt, is shared by design). Any other op
+# (building, importing, running, a handoff...) gets a fresh `nephele agent call` process.
+RESIDENT_OPS = frozenset(
+    {
+        "ping",
+        "node.info",
+        "node.logs",
+        "observe",
+        "image.ls",
+        "snapshot.ls",
+        "instance.ls",
+        "handoff.history",
+    }
+)
+
 Request = dict[str, Any]
 Response = dict[str, Any]
 

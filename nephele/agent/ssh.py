@@ -5,6 +5,11 @@ costs ~200 ms, a call on an open one ~90 ms). The request goes to the remote com
 after it, so the agent sees EOF), the response comes back on stdout, and stderr lines are forwarded as
 progress while the command runs. Host keys: with `known_hosts` given, only keys in that file are
 accepted; without it, fabric's default (the user's known_hosts, new hosts added).
+
+The read-only ops (protocol.RESIDENT_OPS: observe, the listings) go instead to one resident agent per
+connection (`nephele agent serve`, session.py), opened on first use: no process start per call. A
+session that dies or times out is dropped with the connection and the call fails as before
+(NodeUnreachable); a node whose nephele has no `serve` gets one process per call.
 """
 
 from __future__ import annotations
@@ -21,10 +26,12 @@ from invoke.exceptions import CommandTimedOut
 
 from nephele.agent import protocol
 from nephele.agent.protocol import Request, Response
+from nephele.agent.session import NoResidentAgent, NotServed, ResidentSession
 from nephele.agent.transport import ProgressFn, _parse_reply, print_progress
 from nephele.errors import AgentError, NodeUnreachable
 
 DEFAULT_AGENT_COMMAND = "nephele agent call"
+DEFAULT_SERVE_COMMAND = "nephele agent serve"
 
 
 class _LineSink(io.TextIOBase):
@@ -70,6 +77,7 @@ class SSHTransport:
         connect_timeout: float = 10.0,
         timeout: float | None = None,
         agent_command: str = DEFAULT_AGENT_COMMAND,
+        serve_command: str | None = DEFAULT_SERVE_COMMAND,
         env: dict[str, str] | None = None,
     ) -> None:
         self.host = host
@@ -81,9 +89,12 @@ class SSHTransport:
         self.connect_timeout = connect_timeout
         self.timeout = timeout
         self.agent_command = agent_command
+        self.serve_command = serve_command  # None: one process per call for every op
         self.env = dict(env or {})
         self._conn: Connection | None = None
         self._lock = threading.Lock()
+        self._session: ResidentSession | None = None
+        self._no_serve_on: Connection | None = None  # the connection whose node has no `serve`
 
     def __repr__(self) -> str:
         return f"SSHTransport({self.user}@{self.host}:{self.port})"
@@ -130,15 +141,16 @@ class SSHTransport:
 
     def close(self) -> None:
         with self._lock:
+            self._close_session()
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
 
     # ------------------------------------------------------------------------------------- calls
 
-    def _command(self) -> str:
+    def _command(self, command: str | None = None) -> str:
         prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(self.env.items()))
-        return f"{prefix} {self.agent_command}".strip()
+        return f"{prefix} {command or self.agent_command}".strip()
 
     def call(
         self, request: Request, *, timeout: float | None = None, progress: ProgressFn | None = None
@@ -147,6 +159,14 @@ class SSHTransport:
         tail: list[str] = []
         with self._lock:
             conn = self._connection()  # reconnects when the kept connection has died
+            if (
+                self.serve_command
+                and request.get("op") in protocol.RESIDENT_OPS
+                and self._no_serve_on is not conn
+            ):
+                response = self._call_resident(conn, request, timeout, progress)
+                if response is not None:
+                    return response
             try:
                 result = conn.run(
                     self._command(),
@@ -167,7 +187,49 @@ class SSHTransport:
                 raise NodeUnreachable(f"SSH session to {self.host} failed: {exc}", node=self.node) from None
         return _parse_reply(result.stdout.encode(), result.exited, tail, self.node)
 
+    def _call_resident(
+        self, conn: Connection, request: Request, timeout: float | None, progress: ProgressFn | None
+    ) -> Response | None:
+        """The call through the connection's resident agent, or None when it must run in a process
+        of its own (the agent does not serve the op, or the node has no resident agent)."""
+        sess = self._session
+        if sess is not None and not sess.usable(conn.transport):
+            self._close_session()
+            sess = None
+        try:
+            if sess is None:
+                sess = self._session = ResidentSession(
+                    conn.transport,
+                    self._command(self.serve_command),
+                    node=self.node,
+                    open_timeout=self.connect_timeout,
+                )
+            return sess.call(request, timeout=timeout, progress=progress or print_progress)
+        except NotServed:
+            return None
+        except NoResidentAgent:
+            self._close_session()
+            self._no_serve_on = conn
+            return None
+        except AgentError:  # dead, stuck or out of step: the next call starts afresh
+            self._drop()
+            raise
+        except (paramiko.SSHException, EOFError, OSError) as exc:
+            self._drop()
+            raise NodeUnreachable(f"SSH session to {self.host} failed: {exc}", node=self.node) from None
+
+    @property
+    def resident_pid(self) -> int | None:
+        """The process id, on the node, of the resident agent this transport has open (None: none)."""
+        return self._session.pid if self._session is not None else None
+
+    def _close_session(self) -> None:
+        if self._session is not None:
+            self._session.close()
+            self._session = None
+
     def _drop(self) -> None:
+        self._close_session()
         if self._conn is not None:
             try:
                 self._conn.close()
