@@ -52,6 +52,7 @@ class NodeSpec:
     handoff_port: int = 8022
     root: str = "/var/nephele"
     link_mbit: float | None = None  # uplink rate used for handoff estimates; policy default if None
+    max_bandwidth_mbit: float | None = None  # cap on what a handoff into or out of this node sends
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,14 @@ class Policy:
     downtime_budget_s: float = 5.0
     transfer_budget_bytes: int | None = None
     link_mbit: float = 20.0  # default node-to-node link rate for estimates
+    max_bandwidth_mbit: float | None = None  # cap on every handoff's rate (nodes may set lower ones)
+
+
+def bandwidth_cap(policy: Policy, *nodes: NodeSpec) -> float | None:
+    """The rate cap (Mbit/s) of a transfer between these nodes: the lowest the policy and either end
+    set, None when nobody set one."""
+    caps = [c for c in (policy.max_bandwidth_mbit, *(n.max_bandwidth_mbit for n in nodes)) if c is not None]
+    return min(caps) if caps else None
 
 
 @dataclass(frozen=True)

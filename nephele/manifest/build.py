@@ -61,6 +61,7 @@ def build(data: dict[str, Any], source: str) -> Desired:
 def _node(name: str, spec: dict[str, Any]) -> NodeSpec:
     ssh = spec.get("ssh") or {}
     link = spec.get("linkMbit")
+    cap = spec.get("maxBandwidthMbit")
     return NodeSpec(
         name=name,
         address=spec["address"],
@@ -70,6 +71,7 @@ def _node(name: str, spec: dict[str, Any]) -> NodeSpec:
         handoff_port=spec.get("handoffPort", NodeSpec.handoff_port),
         root=spec.get("root", NodeSpec.root),
         link_mbit=float(link) if link is not None else None,
+        max_bandwidth_mbit=float(cap) if cap is not None else None,
     )
 
 
@@ -77,6 +79,7 @@ def _policy(spec: dict[str, Any]) -> Policy:
     d = Policy()
     downtime = spec.get("downtimeBudget")
     transfer = spec.get("transferBudget")
+    cap = spec.get("maxBandwidthMbit")
     return Policy(
         prune=spec.get("prune", d.prune),
         parallelism=spec.get("parallelism", d.parallelism),
@@ -85,4 +88,5 @@ def _policy(spec: dict[str, Any]) -> Policy:
         downtime_budget_s=parse_duration(downtime) if downtime is not None else d.downtime_budget_s,
         transfer_budget_bytes=parse_size(transfer) if transfer is not None else d.transfer_budget_bytes,
         link_mbit=float(spec.get("linkMbit", d.link_mbit)),
+        max_bandwidth_mbit=float(cap) if cap is not None else d.max_bandwidth_mbit,
     )

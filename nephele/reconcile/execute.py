@@ -38,7 +38,7 @@ from typing import Any
 
 from nephele.agent import Agent, AgentTransport
 from nephele.errors import NepheleError, NodeUnreachable, PlanError, RemoteError
-from nephele.model import Desired, InstanceState, NodeObservation, NodeSpec, Observed
+from nephele.model import Desired, InstanceState, NodeObservation, NodeSpec, Observed, bandwidth_cap
 from nephele.reconcile import transfer
 from nephele.reconcile.actions import BUCKET, BUCKETS, Action, ActionKind, Plan
 from nephele.reconcile.inventory import InventoryStore
@@ -186,6 +186,7 @@ class HandoffRequest:
     mode: str  # "live" or "cold"
     downtime_ms: int
     progress: Callable[[str], None]
+    bandwidth_mbit: float | None = None  # the manifest's cap for this pair of nodes (model.bandwidth_cap)
 
 
 HandoffFn = Callable[[HandoffRequest], str]
@@ -223,6 +224,7 @@ def live_handoff(req: HandoffRequest, *, clock: Callable[[], float] = time.monot
         on_progress,
         downtime_ms=req.downtime_ms,
         source_address=req.source_spec.address,
+        bandwidth_mbit=req.bandwidth_mbit,
     )
     down = f"downtime {res.downtime_s:.2f} s, " if res.downtime_s is not None else ""
     stats = res.destination.get("stats_file")
@@ -646,6 +648,9 @@ class _Runner:
                 mode=a.mode or "live",
                 downtime_ms=max(1, round(self.d.policy.downtime_budget_s * 1000)),
                 progress=progress,
+                bandwidth_mbit=bandwidth_cap(
+                    self.d.policy, self.d.nodes[a.source_node], self.d.nodes[a.node]
+                ),
             )
         )
 

@@ -7,6 +7,7 @@ import re
 import pytest
 
 import nephele.manifest as manifest
+from nephele.errors import NepheleError
 from nephele.manifest import parse_duration, parse_size
 from nephele.model import Policy
 
@@ -99,3 +100,25 @@ def test_policy_values_become_seconds_and_bytes() -> None:
 def test_numbers_are_seconds_and_bytes() -> None:
     policy = manifest.loads(HEAD + "policy: {downtimeBudget: 2.5, transferBudget: 1000000}\n").policy
     assert (policy.downtime_budget_s, policy.transfer_budget_bytes) == (2.5, 1_000_000)
+
+
+def test_bandwidth_caps_lowest_of_policy_and_both_ends() -> None:
+    from nephele.model import bandwidth_cap
+
+    d = manifest.loads(
+        "apiVersion: nephele.dev/v1\nkind: Cloudlet\nmetadata: {name: demo}\n"
+        "nodes: {a: {address: a, maxBandwidthMbit: 12}, b: {address: b},\n"
+        "        c: {address: c, maxBandwidthMbit: 50}}\n"
+        "policy: {maxBandwidthMbit: 30}\n"
+    )
+    a, b, c = d.nodes["a"], d.nodes["b"], d.nodes["c"]
+    assert (a.max_bandwidth_mbit, b.max_bandwidth_mbit, d.policy.max_bandwidth_mbit) == (12.0, None, 30.0)
+    assert bandwidth_cap(d.policy, a, b) == 12.0  # a's own cap is the lowest
+    assert bandwidth_cap(d.policy, b, c) == 30.0  # the policy's is lower than c's
+    assert bandwidth_cap(Policy(), b, b) is None  # nobody set one: uncapped
+
+
+def test_bandwidth_cap_must_be_positive() -> None:
+    with pytest.raises(NepheleError) as err:
+        manifest.loads(HEAD.replace("{address: a}", "{address: a, maxBandwidthMbit: 0}"), "m.yaml")
+    assert "m.yaml:4:" in str(err.value) and "nodes.edge-a.maxBandwidthMbit: 0" in str(err.value)

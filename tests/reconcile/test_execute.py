@@ -585,3 +585,41 @@ def test_a_node_without_the_delta_ops_gets_the_whole_image(tmp_path: Path, old: 
         in ("\n".join(lines))
     )
     assert "tiny" in fc.nodes["edge-b"].images
+
+
+def test_handoff_carries_the_manifests_bandwidth_cap(tmp_path: Path) -> None:
+    d = write_manifest(
+        tmp_path,
+        ["edge-a", "edge-b"],
+        {"mover": "{snapshot: web, node: edge-b}"},
+        policy="{prune: false, maxBandwidthMbit: 40}",
+    )
+    text = (
+        (tmp_path / "cloudlet.yaml")
+        .read_text()
+        .replace("edge-b: {address: 10.0.0.2}", "edge-b: {address: 10.0.0.2, maxBandwidthMbit: 15}")
+    )
+    (tmp_path / "cloudlet.yaml").write_text(text)
+    d = manifest.load(tmp_path / "cloudlet.yaml")
+    fc = FakeCloudlet("edge-a", "edge-b")
+    for n in ("edge-a", "edge-b"):
+        fc.add_image(n)
+        fc.add_snapshot(n)
+    fc.add_instance("edge-a", "mover")
+    seen: list[float | None] = []
+
+    def capturing(req: Any) -> str:
+        seen.append(req.bandwidth_mbit)
+        return fake_handoff(req)
+
+    result = apply(
+        make_plan(d, fc),
+        d,
+        TransportPool(d, fc.factory),
+        ApplyOptions(),
+        inventory=InventoryStore(tmp_path / "state", d.name),
+        say=lambda _line: None,
+        sleep=lambda _s: None,
+        handoff_fn=capturing,
+    )
+    assert result.ok and seen == [15.0]  # edge-b's cap is below the policy's
