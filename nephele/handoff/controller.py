@@ -99,10 +99,13 @@ def perform(
     heatmap_linger: float = 0.0,
     via: tuple[str, int] | None = None,
     bandwidth_mbit: float | None = None,
+    resume: bool = True,
 ) -> HandoffResult:
     """Hand a running instance off from src's node to dest_node (reached through dst). ``via``: the
     address the source connects to instead of the destination's handoff port (a relay, a WAN proxy).
-    ``bandwidth_mbit``: a cap on what this handoff sends over the node link (all its channels)."""
+    ``bandwidth_mbit``: a cap on what this handoff sends over the node link (all its channels).
+    ``resume``: the destination offers the pages it kept from an earlier failed attempt of this instance
+    (and keeps this attempt's if it fails); False: a fresh handoff (benchmarks, or to rule the cache out)."""
     if bandwidth_mbit is not None and not bandwidth_mbit > 0:
         raise HandoffError(f"bandwidth cap {bandwidth_mbit} Mbit/s: it must be a positive number")
     notify = on_progress or (lambda ev: None)
@@ -137,6 +140,7 @@ def perform(
                     "source_ip": source_address or src.node,
                     "heatmap": heatmap,  # the destination's heatmap page (None: as the node is configured)
                     "heatmap_linger": heatmap_linger,
+                    "resume": resume,
                 },
                 progress=dst_progress,
             )

@@ -32,6 +32,7 @@ from nephele.errors import Conflict, HandoffError, InvalidInput, NepheleError, N
 from nephele.handoff import channel as ch
 from nephele.handoff import heatmap_server
 from nephele.handoff import refs as refsmod
+from nephele.handoff import resume as resumemod
 from nephele.handoff.forward import ForwardStats, NbdTap, forward
 from nephele.handoff.memory import MemoryDestination, MemoryStats
 from nephele.handoff.records import HandoffRecord, Records
@@ -76,6 +77,7 @@ class _Channels:
         self.lock = threading.Lock()
         self.errors: list[str] = []
         self.observer: Any = None  # heatmap hook, passed to the memory channel
+        self.resume: resumemod.ResumeCache | None = None  # pages kept from/for a failed attempt
         # when the source's libvirt connection ended: libvirt keeps it for the whole migration, so
         # before the memory stream completed it means the source is gone (killed, aborted)
         self.control_closed = 0.0
@@ -95,6 +97,7 @@ class _Channels:
                         self.refs,
                         scratch_dir(self.ctx),
                         observer=self.observer,
+                        resume=self.resume,
                     )
                 self.memory_stats = self.memory.run()
                 self.memory_done.set()
@@ -195,7 +198,11 @@ def receive(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
         raise InvalidInput(f"instance disk format {disk_format!r}: a live handoff takes qcow2 or raw disks")
     if inst_dir.exists():
         raise Conflict(f"{inst_dir} already exists on this node (a leftover of another handoff?)")
-    check_space(ctx, inst, title)
+    cache: resumemod.ResumeCache | None = None
+    if args.get("resume", True) is not False:
+        cache = resumemod.ResumeCache(ctx.store.root, uuid)
+    if not check_space(ctx, inst, title, resume=cache is not None):
+        cache = None  # room for the handoff, not for keeping its pages: a retry would start over
 
     heatmap_port = heatmap_server.wanted_port(ctx.store.root, args)  # None: off (the default)
     rec = HandoffRecord(
@@ -221,7 +228,11 @@ def receive(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
         mem_port, disk_port = free_port(), free_port()
         listener = ch.HandoffListener(address, port, hid, token)
         unwatch = migrate.watch_lifecycle(hv, uuid, mark)
-        chans = _Channels(ctx, mem_port, disk_port, refs)
+        offered = cache.refs() if cache is not None else {}
+        if offered:
+            records.log(f"resume: offering what an earlier attempt kept ({', '.join(sorted(offered))})")
+        chans = _Channels(ctx, mem_port, disk_port, {**refs, **offered})
+        chans.resume = cache
         if hm is not None:
             chans.observer = chans.disk_tap.observer = hm.observe
         threading.Thread(target=listener.accept_loop, args=(chans.on_channel,), daemon=True).start()
@@ -233,6 +244,7 @@ def receive(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
             memory_port=mem_port,
             disk_port=disk_port,
             refs=sorted(refs),
+            resume=sorted(offered),
             pid=os.getpid(),
             stats=str(records.stats_path),
             log=str(records.log_path),
@@ -291,6 +303,7 @@ def receive(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
             "resumed_at": resumed,
             "memory": {k: v for k, v in vars(ms).items() if k != "delta"},
             "refs": sorted(refs),
+            "resume": sorted(offered),
             "stats_file": str(records.stats_path),
             "log_file": str(records.log_path),
             "peers": sorted(chans.peers),
@@ -315,10 +328,35 @@ def receive(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
             unwatch()
         if not ok and rec.status == "running":
             rec.status = "failed"
+        if cache is not None:
+            _settle_resume(cache, chans, ok, rec.status, records)
         records.stop()
         shutil.rmtree(scratch_dir(ctx), ignore_errors=True)
         if hm is not None:  # keep the images with the log; the page may stay up heatmap_linger s
             hm.close(records, float(args.get("heatmap_linger") or 0))
+
+
+def _settle_resume(
+    cache: resumemod.ResumeCache, chans: _Channels | None, ok: bool, status: str, records: Records
+) -> None:
+    """After the receive: a success removes what was kept for this instance; a failure keeps what this
+    attempt verified (merged with what earlier ones kept), unless the attempt used the cache and failed
+    verification (a bad cache must not fail every retry)."""
+    if ok:
+        cache.discard()
+        return
+    mem = chans.memory if chans is not None else None
+    if mem is not None and not mem.done.wait(30):  # its writes must stop before the files are settled
+        records.log("resume: the memory channel did not stop; nothing kept")
+        cache.discard()
+        return
+    if cache.kept and "verif" in status:
+        cache.discard()
+        records.log("resume: the attempt that used the kept pages failed verification; dropped them")
+        return
+    kept = cache.keep()
+    if kept.get("kept"):
+        records.log(f"resume: kept {kept['pages']} verified page(s) for a retry (until swept, 1 h)")
 
 
 def _cleanup(ctx: NodeContext, uuid: str, inst_dir: Any, records: Records) -> None:
@@ -359,7 +397,7 @@ def scratch_dir(ctx: NodeContext, pid: int | None = None) -> Path:
 def sweep_stale(ctx: NodeContext) -> list[str]:
     """Remove what killed receivers left: scratch dirs of dead pids, and incoming instance dirs (marked,
     receiver dead) with no domain. Never touches a dir whose receiver lives or whose domain exists."""
-    removed = []
+    removed = resumemod.sweep(ctx.store.root)  # kept pages too old to offer, a killed receiver's writes
     for d in ctx.store.tmp.glob("handoff-*"):
         pid = d.name.removeprefix("handoff-")
         if pid.isdigit() and not pid_alive(int(pid)):
@@ -384,14 +422,26 @@ def sweep_stale(ctx: NodeContext) -> list[str]:
     return removed
 
 
-def check_space(ctx: NodeContext, inst: dict[str, Any], title: str) -> None:
+def check_space(ctx: NodeContext, inst: dict[str, Any], title: str, *, resume: bool = False) -> bool:
     """Refuse before anything moves when this node cannot hold the disk (the source's allocated bytes)
-    and the decoder's RAM scratch (up to the guest's memory)."""
+    and the decoder's RAM scratch (up to the guest's memory). With resume: also room for keeping the
+    pages this attempt verifies (up to the guest's memory, in the resume cache) in case it fails; returns
+    False when only that does not fit (the handoff then runs without keeping them)."""
     disk = int(inst.get("disk_allocated") or 0) + SPACE_SLACK
     mem = int(inst.get("memory_bytes") or 0)
     free_i, dev_i = migrate.free_bytes(ctx.store.instances)
     free_t, dev_t = migrate.free_bytes(ctx.store.tmp)
     mib = 1 << 20
+    if resume:  # everything, per file system
+        cache_dir = resumemod.resume_root(ctx.store.root).parent
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        free_c, dev_c = migrate.free_bytes(cache_dir)
+        per_dev: dict[int, int] = {}
+        for dev, n in ((dev_i, disk), (dev_t, mem), (dev_c, mem)):
+            per_dev[dev] = per_dev.get(dev, 0) + n
+        frees = {dev_i: free_i, dev_t: free_t, dev_c: free_c}
+        if all(frees[d] >= n for d, n in per_dev.items()):
+            return True
     wants = [(ctx.store.instances, free_i, disk + (mem if dev_i == dev_t else 0))]
     if dev_i != dev_t:
         wants.append((ctx.store.tmp, free_t, mem))
@@ -402,6 +452,7 @@ def check_space(ctx: NodeContext, inst: dict[str, Any], title: str) -> None:
                 f"handoff needs {need / mib:.0f} MiB (disk {disk / mib:.0f} MiB incl. "
                 f"{SPACE_SLACK // mib} MiB slack, memory scratch {mem / mib:.0f} MiB)"
             )
+    return not resume
 
 
 def cleanup(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:

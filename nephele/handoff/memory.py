@@ -14,6 +14,10 @@ opened to our local listener), parses it (nephele.vmstate), and sends in stream 
     END       sha256 of the whole original stream + u64 length (after the delta END frame)
     ABORT     utf-8 reason: the source gave up
 
+Destination -> source: RESUME first (what it kept of an earlier failed attempt, resume.py; empty if
+nothing), then RETURN (the return path), ACK and ERROR. The source waits for RESUME before it declares
+its delta references: the kept pages become hash-only references of the encoder.
+
 Destination (``MemoryDestination``): feeds the delta frames to the decoder (which checks every frame's
 checksum and sequence and, at END, the digest of every RAM block it rebuilt), re-emits each record with
 ``MigrationStreamWriter`` and keeps a running sha256 of what it rebuilt. The device tail is withheld from
@@ -46,12 +50,13 @@ import lz4.block
 import numpy as np
 import xxhash
 
-from nephele.delta import Decoder, Encoder, RefSet
+from nephele.delta import BlockIndex, Decoder, Encoder, RefSet
 from nephele.delta.decoder import Sink
 from nephele.delta.stats import StreamStats
 from nephele.errors import HandoffError, NepheleError
 from nephele.handoff.channel import ChannelClosed, MsgReader, MsgSender
 from nephele.handoff.ramcheck import SentPages
+from nephele.handoff.resume import ResumeCache, decode_offer, held_blocks
 from nephele.node.guestram import GuestRam
 from nephele.vmstate import (
     PAGE_SIZE,
@@ -82,6 +87,8 @@ CHECK = 9  # u8 checked, u32 pages corrected: what the switchover check did (for
 RETURN = 20
 ERROR = 21
 ACK = 22  # u64: channel bytes the destination has read (what really crossed the link; every ACK_EVERY s)
+RESUME = 23  # the destination's offer of pages kept from a failed attempt (resume.py), always sent first
+RESUME_WAIT = 60.0  # the source waits this long for the offer before it encodes without one
 ACK_EVERY = 0.05
 # The source keeps at most this much of the link's recent rate in flight (sent, not yet read at the
 # destination), so the network's buffers cannot hold seconds of data that would only drain after the VM
@@ -127,6 +134,11 @@ class MemoryStats:
     iteration: int = 0  # pre-copy iterations (QEMU's, as libvirt reports them; ITER messages)
     sections: int = 0  # ram sections seen in the stream
     sha256: str = ""
+    # resume (resume.py): blocks the destination offered from a failed attempt and the offer's size;
+    # pages this attempt verified and kept for a next one (destination)
+    resume_offered: int = 0
+    resume_offer_bytes: int = 0
+    resume_written: int = 0
     stopped_at: float | None = None
     ended: bool = False
     verified: bool = False
@@ -224,10 +236,26 @@ class MemorySource:
         self.acked = 0
         self._acks: collections.deque[tuple[float, int]] = collections.deque()
         self._ack_cond = threading.Condition()
+        self._offer: dict[str, BlockIndex] = {}
+        self._offer_error: str | None = None
+        self._offer_evt = threading.Event()
 
     # -- sending -------------------------------------------------------------------------------------
+    def _wait_offer(self) -> dict[str, BlockIndex]:
+        """The destination's RESUME offer (hash-only references to pages it kept), or {} if none came."""
+        deadline = time.monotonic() + RESUME_WAIT
+        while not self._offer_evt.wait(0.05):
+            if self.remote_error or self.done.is_set() or time.monotonic() > deadline:
+                return {}
+        if self._offer_error:
+            raise HandoffError(self._offer_error)
+        return self._offer
+
     def _send_delta_header(self, blocks: tuple[tuple[str, int], ...]) -> None:
-        self._refset = RefSet.open(self.refs)
+        offer = self._wait_offer()
+        refs: dict[str, Path | BlockIndex] = {**self.refs, **offer}  # the base first: it wins duplicates
+        self._refset = RefSet.open(refs)
+        self.stats.resume_offered = sum(int(held_blocks(ix).sum()) for ix in offer.values())
         self._enc = Encoder(self._refset, self._cap, self.codec)  # type: ignore[arg-type]
         info: list[dict[str, Any]] = []
         for name, size in blocks:
@@ -379,6 +407,13 @@ class MemorySource:
                     break
                 elif mtype == ACK and len(payload) == 8:
                     self._on_ack(_U64.unpack(payload)[0])
+                elif mtype == RESUME and not self._offer_evt.is_set():
+                    self.stats.resume_offer_bytes = len(payload)
+                    try:
+                        self._offer = decode_offer(payload)
+                    except HandoffError as exc:
+                        self._offer_error = str(exc)
+                    self._offer_evt.set()
         except (OSError, NepheleError) as exc:
             if not self.done.is_set():
                 self.remote_error = self.remote_error or f"memory channel: {exc}"
@@ -540,8 +575,11 @@ class MemoryDestination:
         *,
         on_progress: Callable[[MemoryStats], None] | None = None,
         observer: Callable[[str, np.ndarray, str], None] | None = None,
+        resume: ResumeCache | None = None,
     ) -> None:
         self.wan = wan
+        # what an earlier failed attempt kept (offered to the source), and where this one keeps its pages
+        self.resume = resume
         self.qemu_address = qemu_address
         # heatmap hook: ("memory", page numbers across the RAM blocks in MEM_SIZE order, "data"|"zero")
         self.observer = observer
@@ -618,6 +656,8 @@ class MemoryDestination:
             for i in range(len(blocks))
         }
         self._dec = Decoder(self.refs, sinks)  # type: ignore[arg-type]
+        if self.resume is not None:
+            self.resume.begin([(str(b["name"]), int(b["size"])) for b in blocks])
         self._dec.feed(delta)
 
     def _pages(self, payload: bytes) -> None:
@@ -659,6 +699,9 @@ class MemoryDestination:
                 f"verification failed: {rows.shape[0]} rebuilt pages of RAM block {block!r} (from page "
                 f"{int(want[0])}) differ from what the source sent"
             )
+        if self.resume is not None and rows.shape[0]:  # verified: kept in case this attempt fails
+            self.resume.write(tidx, want.astype(np.int64), rows)
+            self.stats.resume_written += int(rows.shape[0])
         w = self._writer
         pi = zi = 0
         for h in heads.tolist():
@@ -702,6 +745,9 @@ class MemoryDestination:
         rx = MsgReader(self.wan)
         back: threading.Thread | None = None
         try:
+            offer = self.resume.offer() if self.resume is not None else b""
+            self.stats.resume_offer_bytes = len(offer)
+            self.tx.send(RESUME, offer)  # first: the source waits for it before it encodes
             self._connect_qemu()
             back = threading.Thread(target=self._return_path, name="handoff-return-path", daemon=True)
             back.start()
