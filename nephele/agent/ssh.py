@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import shlex
+import socket
 import threading
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,15 @@ class _WholeRequest(io.StringIO):
 
     def read(self, size: int | None = -1) -> str:
         return super().read()
+
+
+def _nodelay_socket(conn: Connection, timeout: float) -> socket.socket:
+    """The TCP connection for paramiko, with Nagle off. paramiko leaves it on, and its handshake writes
+    two small packets in a row (NEWKEYS, then the userauth service request): the second waited for the
+    node's delayed ACK, ~40 ms of every connect (measured on a cloudlet node: 70-115 ms -> ...)."""
+    sock = socket.create_connection((conn.host, conn.port), timeout=timeout)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
 
 
 class SSHTransport:
@@ -121,6 +131,11 @@ class SSHTransport:
             conn.client.load_host_keys(self.known_hosts)
             conn.client.set_missing_host_key_policy(paramiko.RejectPolicy())
         try:
+            if not conn.gateway:
+                conn.connect_kwargs = {
+                    **conn.connect_kwargs,
+                    "sock": _nodelay_socket(conn, self.connect_timeout),
+                }
             conn.open()
         except paramiko.AuthenticationException as exc:
             raise AgentError(f"SSH login as {self.user} refused: {exc}", node=self.node) from None

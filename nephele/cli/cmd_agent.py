@@ -27,7 +27,9 @@ def _serve(args: argparse.Namespace) -> int:
     os.dup2(2, 1)
     sys.stdout = sys.stderr
     idle = args.idle_timeout if args.idle_timeout > 0 else None
-    return serve(sys.stdin.buffer, responses, sys.stderr, idle_timeout=idle)
+    return serve(
+        sys.stdin.buffer, responses, sys.stderr, idle_timeout=idle, keep_hypervisor=not args.fresh_libvirt
+    )
 
 
 def _ops(args: argparse.Namespace) -> int:
@@ -58,6 +60,11 @@ def register(subparsers: Any) -> None:
         default=900.0,
         metavar="S",
         help="exit after S seconds without a request (0: never; default 900)",
+    )
+    serve.add_argument(
+        "--fresh-libvirt",
+        action="store_true",
+        help="open a libvirt connection per request instead of keeping one (for measurements)",
     )
     serve.set_defaults(func=_serve)
     sup = sub.add_parser("supervise", help="watch one instance: a user pause captures a snapshot (internal)")
