@@ -99,7 +99,7 @@ class ResidentSession:
             line = self._read_line(deadline, progress, what="hello")
         except NodeUnreachable:
             if self.chan.eof_received or self.chan.closed:
-                status = self.chan.recv_exit_status() if self.chan.exit_status_ready() else None
+                status = self._exit_status(wait=1.0)
                 said = "; ".join(x for x in self.stderr_tail[-3:] if x.strip()) or "no output"
                 raise NoResidentAgent(f"exited with status {status}: {said}") from None
             raise
@@ -111,6 +111,15 @@ class ResidentSession:
                 f"the resident agent's first line is not a hello: {line[:120]!r}", node=self.node
             )
         return hello
+
+    def _exit_status(self, wait: float) -> int | None:
+        # The exit status may come just after the EOF.
+        deadline = time.monotonic() + wait
+        while not self.chan.exit_status_ready():
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(0.02)
+        return int(self.chan.recv_exit_status())
 
     def _read_line(self, deadline: float | None, progress: ProgressFn, *, what: str) -> bytes:
         """The next stdout line; stderr lines go to `progress` as they come. NodeUnreachable when the

@@ -11,6 +11,7 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -247,3 +248,31 @@ def test_agent_serve_stops_on_sigterm_and_after_its_idle_timeout() -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_resident_ops_start_no_process_thread_or_signal_handler(monkeypatch: pytest.MonkeyPatch) -> None:
+    # What makes an op safe in a long-lived process (protocol.RESIDENT_OPS), checked on an empty node.
+    started: list[Any] = []
+    handlers: list[int] = []
+    real_popen_init = subprocess.Popen.__init__
+    real_signal = signal.signal
+
+    def popen_init(self: Any, *a: Any, **kw: Any) -> None:
+        started.append(a[0] if a else kw.get("args"))
+        real_popen_init(self, *a, **kw)
+
+    def set_handler(sig: int, handler: Any) -> Any:
+        handlers.append(sig)
+        return real_signal(sig, handler)
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", popen_init)
+    monkeypatch.setattr(signal, "signal", set_handler)
+    threads_before = {t.name for t in threading.enumerate()}
+    data = b"".join(req(op, op) for op in sorted(protocol.RESIDENT_OPS))
+    rc, lines, _ = run_serve(data)
+    assert rc == 0
+    assert all(r["ok"] for r in lines[1:]), lines
+    assert started == []
+    assert sorted(handlers) == sorted([signal.SIGTERM, signal.SIGHUP])  # serve's own, once
+    new_threads = {t.name for t in threading.enumerate()} - threads_before
+    assert new_threads <= {"libvirt-events"}  # libvirt's event loop: one per process, by design
