@@ -330,6 +330,8 @@ def receive(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
             rec.status = "failed"
         if cache is not None:
             _settle_resume(cache, chans, ok, rec.status, records)
+        elif ok:  # a handoff without resume still ends what was kept for this instance here
+            shutil.rmtree(resumemod.resume_root(ctx.store.root) / uuid, ignore_errors=True)
         records.stop()
         shutil.rmtree(scratch_dir(ctx), ignore_errors=True)
         if hm is not None:  # keep the images with the log; the page may stay up heatmap_linger s
