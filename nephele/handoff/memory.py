@@ -747,7 +747,8 @@ class MemoryDestination:
         try:
             offer = self.resume.offer() if self.resume is not None else b""
             self.stats.resume_offer_bytes = len(offer)
-            self.tx.send(RESUME, offer)  # first: the source waits for it before it encodes
+            with contextlib.suppress(OSError):  # a source that only came to ABORT may be gone already
+                self.tx.send(RESUME, offer)  # first: the source waits for it before it encodes
             self._connect_qemu()
             back = threading.Thread(target=self._return_path, name="handoff-return-path", daemon=True)
             back.start()
