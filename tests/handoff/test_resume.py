@@ -12,14 +12,18 @@ import socket
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
 
 from nephele.delta import BlockIndex
-from nephele.errors import HandoffError
+from nephele.errors import Conflict, HandoffError
+from nephele.handoff import dest
 from nephele.handoff import resume as R
 from nephele.handoff.memory import MemoryDestination, MemorySource, MemoryStats, mem_ref_id
+from nephele.node import migrate
 from nephele.vmstate import stream as s
 from tests.vmstate import streams as st
 
@@ -251,3 +255,67 @@ def test_sweep_keeps_fresh_and_live_state_only(tmp_path: Path) -> None:
     assert R.ResumeCache(root, "old").kept == {}
     assert R.ResumeCache(root, "fresh").kept == {"pc.ram": fresh / "x.raw"}
     assert R.size_of(root) > 0
+
+
+def _node(tmp: Path) -> Any:
+    root = tmp / "node"
+    for d in ("instances", "tmp"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    return SimpleNamespace(store=SimpleNamespace(root=root, instances=root / "instances", tmp=root / "tmp"))
+
+
+def test_the_space_check_counts_the_kept_pages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ctx = _node(tmp_path)
+    mem, disk = 256 << 20, 10 << 20
+    inst = {"memory_bytes": mem, "disk_allocated": disk}
+    need = disk + dest.SPACE_SLACK + mem  # instances and tmp on one file system
+    free = {"v": 0}
+    monkeypatch.setattr(migrate, "free_bytes", lambda p: (free["v"], 1))
+    free["v"] = need + mem
+    assert dest.check_space(ctx, inst, "'x'", resume=True) is True
+    free["v"] = need  # room for the handoff, not for keeping its pages: it runs without keeping them
+    assert dest.check_space(ctx, inst, "'x'", resume=True) is False
+    free["v"] = need - 1
+    with pytest.raises(Conflict, match="not enough disk space"):
+        dest.check_space(ctx, inst, "'x'", resume=True)
+
+
+def test_settling_keeps_drops_or_removes(tmp_path: Path) -> None:
+    ctx = _node(tmp_path)
+    root = ctx.store.root
+    logs: list[str] = []
+    records = SimpleNamespace(log=logs.append)
+    rows = np.frombuffer(os.urandom(4 * PAGE), np.uint8).reshape(4, PAGE)
+
+    def attempt() -> R.ResumeCache:
+        c = R.ResumeCache(root, UUID)
+        c.begin([("pc.ram", 16 * PAGE)])
+        c.write(0, np.array([3, 1, 2, 9]), rows)
+        return c
+
+    dest._settle_resume(attempt(), None, False, "failed: the memory channel closed", records)  # type: ignore[arg-type]
+    kept = R.ResumeCache(root, UUID)
+    assert list(kept.kept) == ["pc.ram"]
+    data = kept.kept["pc.ram"].read_bytes()
+    assert data[3 * PAGE : 4 * PAGE] == rows[0].tobytes() and data[9 * PAGE : 10 * PAGE] == rows[3].tobytes()
+    assert data[:PAGE] == bytes(PAGE) and any("kept 4" in line for line in logs)
+    # an attempt that used the kept pages and failed verification drops them
+    dest._settle_resume(attempt(), None, False, "failed: verification failed: ...", records)  # type: ignore[arg-type]
+    assert R.ResumeCache(root, UUID).kept == {}
+    dest._settle_resume(attempt(), None, False, "failed: cut", records)  # type: ignore[arg-type]
+    assert R.ResumeCache(root, UUID).kept
+    dest._settle_resume(attempt(), None, True, "completed", records)  # type: ignore[arg-type]
+    assert not (R.resume_root(root) / UUID).exists()
+
+
+def test_a_write_error_stops_keeping_not_the_handoff(tmp_path: Path) -> None:
+    c = R.ResumeCache(tmp_path / "node", UUID)
+    c.begin([("pc.ram", 4 * PAGE)])
+    fd, path, done = c._new["pc.ram"]
+    os.close(fd)
+    c._new["pc.ram"] = (os.open(os.devnull, os.O_RDONLY), path, done)  # the next write fails (EBADF)
+    c.write(0, np.array([0]), np.zeros((1, PAGE), np.uint8))
+    assert c.failed and "keeping pages for a retry failed" in c.failed
+    c.write(0, np.array([1]), np.zeros((1, PAGE), np.uint8))  # ignored from now on
+    assert c.keep() == {"kept": False, "pages": 0, "error": c.failed}
+    assert not c.dir.exists()
