@@ -236,23 +236,22 @@ class MemorySource:
         self.acked = 0
         self._acks: collections.deque[tuple[float, int]] = collections.deque()
         self._ack_cond = threading.Condition()
-        self._offer: dict[str, BlockIndex] = {}
-        self._offer_error: str | None = None
+        self._offer = b""  # the destination's RESUME payload
         self._offer_evt = threading.Event()
 
     # -- sending -------------------------------------------------------------------------------------
-    def _wait_offer(self) -> dict[str, BlockIndex]:
-        """The destination's RESUME offer (hash-only references to pages it kept), or {} if none came."""
+    def _wait_offer(self, max_size: int) -> dict[str, BlockIndex]:
+        """The destination's RESUME offer (hash-only references to pages it kept), or {} if none came.
+        No kept file is larger than the largest RAM block (the offer's size bounds what this end
+        allocates for it)."""
         deadline = time.monotonic() + RESUME_WAIT
         while not self._offer_evt.wait(0.05):
             if self.remote_error or self.done.is_set() or time.monotonic() > deadline:
                 return {}
-        if self._offer_error:
-            raise HandoffError(self._offer_error)
-        return self._offer
+        return decode_offer(self._offer, max_size=max_size)
 
     def _send_delta_header(self, blocks: tuple[tuple[str, int], ...]) -> None:
-        offer = self._wait_offer()
+        offer = self._wait_offer(max((size for _, size in blocks), default=0))
         refs: dict[str, Path | BlockIndex] = {**self.refs, **offer}  # the base first: it wins duplicates
         self._refset = RefSet.open(refs)
         self.stats.resume_offered = sum(int(held_blocks(ix).sum()) for ix in offer.values())
@@ -409,10 +408,7 @@ class MemorySource:
                     self._on_ack(_U64.unpack(payload)[0])
                 elif mtype == RESUME and not self._offer_evt.is_set():
                     self.stats.resume_offer_bytes = len(payload)
-                    try:
-                        self._offer = decode_offer(payload)
-                    except HandoffError as exc:
-                        self._offer_error = str(exc)
+                    self._offer = payload  # decoded by the sending thread, which knows the RAM blocks
                     self._offer_evt.set()
         except (OSError, NepheleError) as exc:
             if not self.done.is_set():

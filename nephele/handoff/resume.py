@@ -94,8 +94,9 @@ def encode_offer(refs: dict[str, Path]) -> bytes:
     return json.dumps({"refs": head}).encode() + b"\n" + b"".join(body)
 
 
-def decode_offer(payload: bytes) -> dict[str, BlockIndex]:
-    """Ref id -> remote BlockIndex from a RESUME payload (the source side); a malformed offer is refused
+def decode_offer(payload: bytes, *, max_size: int = 1 << 40) -> dict[str, BlockIndex]:
+    """Ref id -> remote BlockIndex from a RESUME payload (the source side); a malformed offer, or one
+    describing a file larger than max_size (what this end would allocate for its index), is refused
     with a HandoffError (the handoff then fails before anything moves)."""
     if not payload:
         return {}
@@ -109,6 +110,8 @@ def decode_offer(payload: bytes) -> dict[str, BlockIndex]:
         zh = np.array(zero_hash(), np.uint64)
         for r in refs:
             rid, size, digest, held = str(r["id"]), int(r["size"]), bytes.fromhex(r["digest"]), int(r["held"])
+            if size > max_size:
+                raise ValueError(f"entry {rid!r} of {size} bytes, larger than any RAM block ({max_size})")
             if not rid.startswith(PREFIX) or rid in out or size < 0 or held < 0:
                 raise ValueError(f"bad entry {r!r}")
             n = nblocks_of(size)

@@ -319,3 +319,12 @@ def test_a_write_error_stops_keeping_not_the_handoff(tmp_path: Path) -> None:
     c.write(0, np.array([1]), np.zeros((1, PAGE), np.uint8))  # ignored from now on
     assert c.keep() == {"kept": False, "pages": 0, "error": c.failed}
     assert not c.dir.exists()
+
+
+def test_an_offer_larger_than_any_ram_block_is_refused(tmp_path: Path) -> None:
+    p = tmp_path / "kept.raw"
+    p.write_bytes(os.urandom(8 * PAGE))
+    payload = R.encode_offer({R.ref_id("pc.ram"): p})
+    assert len(R.decode_offer(payload, max_size=8 * PAGE)) == 1
+    with pytest.raises(HandoffError, match="larger than any RAM block"):
+        R.decode_offer(payload, max_size=8 * PAGE - 1)
