@@ -156,7 +156,7 @@ class ResumeCache:
         try:
             info = json.loads(meta.read_text())
             self.saved = float(info["saved"])
-            blocks = {str(k): self.dir / str(v) for k, v in dict(info["blocks"]).items()}
+            blocks = {str(k): self.dir / Path(str(v)).name for k, v in dict(info["blocks"]).items()}
         except (OSError, ValueError, KeyError, TypeError):
             return
         if (now or time.time()) - self.saved > KEEP_SECONDS:
