@@ -7,18 +7,28 @@ Three timings per size, each the median of --repeat runs:
   warm   connections already open, `observe` only (what a long-running controller pays)
   serial connections open, the nodes asked one after another (what a fan-out saves)
 
-All nodes of a local cloudlet share this machine's CPUs: each `observe` starts a Python agent on its
-node, so with more nodes than cores the agents' own start-up CPU time, not the controller, bounds the
-parallel time. The header prints the CPU count and load so the figures can be read in that light.
+The nodes answer through a resident agent (`nephele agent serve`, one per SSH connection, opened by the
+first call): a warm `observe` is one op in a running process. A cold one still starts that process (a
+fresh connection has none); `--one-shot` measures the old way, one `nephele agent call` per observe.
 
-A fourth round per size says where the CPU goes: the controller's own CPU time (all its threads), and
-the nodes' (each node's sshd session, shell and agent: the cumulative child CPU time of its sshd in
-/proc). Their sum over the machine's CPUs is a floor under the parallel time of that size.
+All nodes of a local cloudlet share this machine's CPUs, so with more nodes than cores the nodes' own
+CPU time, not the controller, bounds the parallel time. The header prints the CPU count and load.
+
+Then where the CPU goes, per round (cold: the mean of 3, warm: of 100, as a warm round takes less than
+a clock tick): the controller's own CPU time (all its threads), and the nodes' (each node's sshd with
+everything under it: connection crypto, shell, agent; and its libvirtd), from /proc. Their sum over the
+machine's CPUs is a floor under the parallel time of that size; the last line sets the largest size's
+floor against the smallest size's time: above 2, no fan-out can meet the target on this machine.
+
+Results and their reading: bench/README.md. Run of 26 Nov 18:54 UTC (2 CPUs; load 0.6 at the start, 2.6
+at the end), 1 / 4 / 8 nodes: cold 253 / 528 / 978 ms, warm 1.7 / 4.3 / 8.9 ms (one process per call,
+the same hour: warm 223 / 469 / 737 ms); ratio 8/1 cold 3.87, warm 5.38, against a CPU floor of 2.53 x the
+one-node time for both; with 2 nodes (one per CPU) the ratios are 1.43 and 0.74.
 
 Target (issue 6): 8 nodes within 2 x the time of 1 (parallel fan-out, not one node after another).
 Needs root (network namespaces, libvirtd, sshd per node), like the integration tests.
 
-    python bench/observe_scale.py [--sizes 1,4,8] [--repeat 5]
+    python bench/observe_scale.py [--sizes 1,4,8] [--repeat 5] [--one-shot]
 """
 
 from __future__ import annotations
