@@ -18,6 +18,8 @@ import io
 import shlex
 import socket
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -288,38 +290,72 @@ class SSHTransport:
     def _transfer_at(self, local: str | Path, remote: str, offset: int, *, upload: bool) -> int:
         what = f"{local} -> {self.host}:{remote}" if upload else f"{self.host}:{remote} -> {local}"
         mode = "r+b" if offset else "wb"
+        stall = self.stall_timeout or self.connect_timeout
+        watch: _StallWatch | None = None
         with self._lock:
             try:
-                sftp = self._connection().sftp()
+                conn = self._connection()
+                sftp = conn.sftp()
                 channel = sftp.get_channel()
                 assert channel is not None
-                channel.settimeout(self.stall_timeout or self.connect_timeout)
+                channel.settimeout(stall)
+                # paramiko retries a full socket forever: only closing the transport ends the wait.
+                watch = _StallWatch(stall, conn.transport)
                 try:
                     if upload:
                         with open(local, "rb") as src, sftp.open(remote, mode) as dst:
                             dst.set_pipelined(True)
-                            return _pump(src, dst, offset)
+                            return _pump(src, dst, offset, watch.tick)
                     with sftp.open(remote, "rb") as src, open(local, mode) as dst:
                         src.seek(offset)
                         src.prefetch()  # pipelined reads from `offset` on
-                        return _pump(src, dst, offset)
+                        return _pump(src, dst, offset, watch.tick)
                 finally:
+                    watch.stop()
                     channel.settimeout(None)
-            except (TimeoutError, ConnectionError, EOFError, paramiko.SSHException) as exc:
+            except (TimeoutError, ConnectionError, EOFError, paramiko.SSHException, OSError) as exc:
+                stalled = watch is not None and watch.fired
+                if not stalled and not isinstance(
+                    exc, (TimeoutError, ConnectionError, EOFError, paramiko.SSHException)
+                ):
+                    raise AgentError(f"copy {what} failed: {exc}", node=self.node) from None
                 self._drop()  # the session is dead or stuck: the next call reconnects
-                raise NodeUnreachable(
-                    f"copy {what} broke off: {exc or type(exc).__name__}", node=self.node
-                ) from None
-            except OSError as exc:
-                raise AgentError(f"copy {what} failed: {exc}", node=self.node) from None
+                why = f"no byte moved for {stall:g} s" if stalled else str(exc) or type(exc).__name__
+                raise NodeUnreachable(f"copy {what} broke off: {why}", node=self.node) from None
 
 
-def _pump(src: Any, dst: Any, offset: int) -> int:
+class _StallWatch:
+    """Closes an SSH transport when a transfer moves no byte for `stall` seconds (a cut link)."""
+
+    def __init__(self, stall: float, transport: Any) -> None:
+        self.stall = stall
+        self.transport = transport
+        self.last = time.monotonic()
+        self.fired = False
+        self._stop = threading.Event()
+        threading.Thread(target=self._run, name="nephele-stall-watch", daemon=True).start()
+
+    def tick(self) -> None:
+        self.last = time.monotonic()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(min(0.5, self.stall / 4)):
+            if time.monotonic() - self.last > self.stall:
+                self.fired = True
+                self.transport.close()
+                return
+
+
+def _pump(src: Any, dst: Any, offset: int, tick: Callable[[], None]) -> int:
     src.seek(offset)
     dst.seek(offset)
     dst.truncate(offset)
     moved = 0
-    while chunk := src.read(1 << 20):
+    while chunk := src.read(256 << 10):
         dst.write(chunk)
         moved += len(chunk)
+        tick()
     return moved

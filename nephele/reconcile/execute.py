@@ -84,7 +84,9 @@ class ApplyOptions:
     backoff_max: float = 30.0
     call_timeout: float | None = 1800.0  # per changing call (not handoffs); None: no limit
     observe_timeout: float = 30.0
-    resume_copies: bool = True  # image/snapshot copies resume after a cut link (reconcile/transfer.py)
+    # Image/snapshot copies resume after a cut link (reconcile/transfer.py); False: a retried copy
+    # starts over (the baseline resuming is measured against).
+    resume_copies: bool = True
     copies_dir: Path | None = None  # their partials; default: <state dir>/copies beside the inventory
 
 
@@ -425,7 +427,7 @@ class _Runner:
         if not local.is_file():
             raise ActionFailed(f"{a.address}: source file {local} does not exist")
         t = self.transports(a.node)
-        if not (self.opts.resume_copies and transfer.can_resume(t)):
+        if not transfer.can_resume(t):
             remote = self.tmp_path(a.node, kind, a.name)
             progress(f"uploading {local.name} ({mib(local.stat().st_size)})")
             t.put_file(local, remote)
@@ -472,7 +474,8 @@ class _Runner:
         """Upload (resuming a partial) and import. An import that refuses a resumed upload (it removes
         the upload either way) gets the file whole once more: the import's check is the last word."""
         t = self.transports(a.node)
-        moved = transfer.upload(t, self.ask_partial(a.node), local, remote, progress)
+        resume = self.opts.resume_copies
+        moved = transfer.upload(t, self.ask_partial(a.node), local, remote, progress, resume=resume)
         try:
             self.call_op(a.node, imp, {"path": remote, "name": a.name}, progress)
         except RemoteError as exc:
@@ -480,7 +483,7 @@ class _Runner:
                 raise
             progress(f"the resumed upload did not verify ({exc}): sending it whole")
             self.discard(a.node, remote)  # the import removed it already; a node that did not, now
-            again = transfer.upload(t, self.ask_partial(a.node), local, remote, progress)
+            again = transfer.upload(t, self.ask_partial(a.node), local, remote, progress, resume=resume)
             self.call_op(a.node, imp, {"path": remote, "name": a.name}, progress)
             return transfer.Moved(moved.size, 0, moved.sent + again.sent)
         return moved
@@ -495,10 +498,8 @@ class _Runner:
         assert a.source_node is not None
         held = sorted({i.content_id for i in o.nodes[a.node].images.values() if i.content_id})
         modes = ["delta", "whole"] if kind == "image" else ["whole"]
-        resume = (
-            self.opts.resume_copies
-            and transfer.can_resume(self.transports(a.source_node))
-            and transfer.can_resume(self.transports(a.node))
+        resume = transfer.can_resume(self.transports(a.source_node)) and transfer.can_resume(
+            self.transports(a.node)
         )
         for mode in modes:
             if mode == "delta":
@@ -594,7 +595,14 @@ class _Runner:
             if rec is not None:
                 assert local is not None
                 transfer.fetch(
-                    self.transports(src), ask_src, src_remote, local, rec["size"], rec["digest"], progress
+                    self.transports(src),
+                    ask_src,
+                    src_remote,
+                    local,
+                    rec["size"],
+                    rec["digest"],
+                    progress,
+                    resume=self.opts.resume_copies,
                 )
         if rec is None:
             if ask_src({"path": src_remote}) is None:  # also sweeps the source's stale partials
@@ -612,7 +620,14 @@ class _Runner:
             local = parts.part(rec["digest"])
             progress(f"copying {mib(rec['size'])} from {src} through the controller")
             transfer.fetch(
-                self.transports(src), ask_src, src_remote, local, rec["size"], rec["digest"], progress
+                self.transports(src),
+                ask_src,
+                src_remote,
+                local,
+                rec["size"],
+                rec["digest"],
+                progress,
+                resume=self.opts.resume_copies,
             )
         assert local is not None
         self.discard(src, src_remote)  # fetched and verified: the source's copy is no longer needed

@@ -79,10 +79,10 @@ def can_resume(t: AgentTransport) -> bool:
     return isinstance(t, ResumableFiles)
 
 
-def upload(t: AgentTransport, ask: Ask, local: Path, remote: str, say: Say) -> Moved:
+def upload(t: AgentTransport, ask: Ask, local: Path, remote: str, say: Say, *, resume: bool = True) -> Moved:
     """Bring `local` to `remote` on t's node, resuming from the node's partial when its prefix
-    matches. A node that cannot tell (`ask` returns None) or a transport that cannot append gets the
-    whole file."""
+    matches (`resume` False: always from the start, the baseline resuming is measured against). A
+    node that cannot tell (`ask` returns None) or a transport that cannot append gets the whole file."""
     size = local.stat().st_size
     held = ask({"path": remote, "expect": size}) if can_resume(t) else None
     if held is None or not isinstance(t, ResumableFiles):
@@ -91,7 +91,9 @@ def upload(t: AgentTransport, ask: Ask, local: Path, remote: str, say: Say) -> M
         return Moved(size, 0, size)
     have = int(held.get("size", -1))
     offset = 0
-    if 0 < have <= size and sha256_of(local, have) == held.get("sha256"):
+    if not resume:
+        pass
+    elif 0 < have <= size and sha256_of(local, have) == held.get("sha256"):
         offset = have
     elif have > 0:
         why = "is longer than the file" if have > size else "does not match the file"
@@ -104,11 +106,21 @@ def upload(t: AgentTransport, ask: Ask, local: Path, remote: str, say: Say) -> M
     return Moved(size, offset, sent)
 
 
-def fetch(t: AgentTransport, ask: Ask, remote: str, local: Path, size: int, digest: str, say: Say) -> Moved:
+def fetch(
+    t: AgentTransport,
+    ask: Ask,
+    remote: str,
+    local: Path,
+    size: int,
+    digest: str,
+    say: Say,
+    *,
+    resume: bool = True,
+) -> Moved:
     """Bring `remote` (of `size` bytes and sha256 `digest`) from t's node to `local`, resuming from
     the local partial when the node's file has the same prefix. The result is checked against
     `digest`; a resumed one that does not match is fetched whole once."""
-    have = local.stat().st_size if local.is_file() else 0
+    have = local.stat().st_size if local.is_file() and resume else 0
     offset = 0
     if have > size:
         say(f"the partial fetch ({mib(have)}) is longer than the file: fetching it whole")

@@ -345,24 +345,18 @@ def test_a_source_upload_cut_mid_way_resumes_on_the_retry(tmp_path: Path) -> Non
 
 
 def test_without_resume_the_retry_sends_the_file_again(tmp_path: Path) -> None:
+    """The baseline (resume_copies=False): the same cut, and the retry starts from byte 0."""
     src = tmp_path / "big.zip"
-    image_zip(src)
-    d, nodes = cloudlet(tmp_path, f"{{source: {src}, nodes: [edge-b]}}", old=True)  # no copy.partial
+    cid = image_zip(src)
+    d, nodes = cloudlet(tmp_path, f"{{source: {src}, nodes: [edge-b]}}")
     size = src.stat().st_size
-    real_put = nodes["edge-b"].put_file
-    calls = []
-
-    def cut_once(local: str | Path, remote: str) -> None:
-        calls.append(remote)
-        if len(calls) == 1:
-            nodes["edge-b"].moved += size // 2
-            raise NodeUnreachable("cut", node="edge-b")
-        real_put(local, remote)
-
-    nodes["edge-b"].put_file = cut_once  # type: ignore[method-assign]
-    result, lines = do_apply(d, nodes, tmp_path)
+    nodes["edge-b"].cut_after = [size // 2]
+    result, lines = do_apply(d, nodes, tmp_path, resume_copies=False)
     assert result.ok, lines
-    assert nodes["edge-b"].moved == size + size // 2
+    assert "resuming" not in "\n".join(lines)
+    assert nodes["edge-b"].moved == size // 2 + size
+    with closing(NodeContext(nodes["edge-b"].root)) as ctx:
+        assert [i.content_id for i in ctx.store.list_images()] == [cid]
 
 
 def test_a_node_copy_cut_on_both_hops_reuses_the_export_and_resumes_both(tmp_path: Path) -> None:
