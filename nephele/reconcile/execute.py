@@ -573,70 +573,59 @@ class _Runner:
         src, parts = a.source_node, self.partials()
         parts.sweep()
         obj = o.nodes[src].images.get(a.name) if kind == "image" else o.nodes[src].snapshots.get(a.name)
-        key = transfer.export_key(kind, a.name, src, obj.content_id if obj else "", mode, held)
+        # Per target too: two targets never share (and overwrite) one export or one partial.
+        key = transfer.export_key(kind, a.name, src, a.node, obj.content_id if obj else "", mode, held)
         src_remote = f"{self.d.nodes[src].root}/tmp/{transfer.export_name(kind, a.name, key)}"
         ask_src = self.ask_partial(src)
         rec = parts.record(key)
-        local = parts.part(rec["digest"]) if rec else None
-        if rec and local and local.is_file() and local.stat().st_size == rec["size"]:
-            if transfer.sha256_of(local) == rec["digest"]:
-                progress(f"the export of the last attempt is here already ({mib(rec['size'])})")
-            else:
-                local.unlink()
-                rec = None
-        elif rec:
-            have = ask_src({"path": src_remote})
-            if have is None:
-                return None
-            if have["size"] != rec["size"] or have["sha256"] != rec["digest"]:
-                rec = None  # the export is gone or another: export again
-            else:
-                progress(f"reusing the export of the last attempt on {src} ({mib(rec['size'])})")
-            if rec is not None:
-                assert local is not None
-                transfer.fetch(
-                    self.transports(src),
-                    ask_src,
-                    src_remote,
-                    local,
-                    rec["size"],
-                    rec["digest"],
-                    progress,
-                    resume=self.opts.resume_copies,
-                )
-        if rec is None:
-            if ask_src({"path": src_remote}) is None:  # also sweeps the source's stale partials
-                return None
-            res = self.call_op(src, export, {**what, "dest": src_remote}, progress)
-            info = ask_src({"path": src_remote})
-            if info is None or info["size"] < 0:
-                raise ActionFailed(f"{a.address}: {export} on {src} left no file at {src_remote}")
-            rec = {
-                "digest": info["sha256"],
-                "size": info["size"],
-                "result": res if isinstance(res, dict) else {},
-            }
-            parts.save(key, rec)
-            local = parts.part(rec["digest"])
-            progress(f"copying {mib(rec['size'])} from {src} through the controller")
+        if rec and parts.complete(key, rec):
+            progress(f"the export of the last attempt is here already ({mib(rec['size'])})")
+        else:
+            if rec:
+                have = ask_src({"path": src_remote})
+                if have is None:
+                    return None
+                if have["size"] == rec["size"] and have["sha256"] == rec["digest"]:
+                    progress(f"reusing the export of the last attempt on {src} ({mib(rec['size'])})")
+                else:  # the export is gone or another one: export again
+                    parts.forget(key, rec["digest"])
+                    rec = None
+            if rec is None:
+                if ask_src({"path": src_remote}) is None:  # also sweeps the source's stale partials
+                    return None
+                res = self.call_op(src, export, {**what, "dest": src_remote}, progress)
+                info = ask_src({"path": src_remote})
+                if info is None or info["size"] < 0:
+                    raise ActionFailed(f"{a.address}: {export} on {src} left no file at {src_remote}")
+                rec = {
+                    "digest": info["sha256"],
+                    "size": info["size"],
+                    "result": res if isinstance(res, dict) else {},
+                }
+                parts.save(key, rec)
+                progress(f"copying {mib(rec['size'])} from {src} through the controller")
             transfer.fetch(
                 self.transports(src),
                 ask_src,
                 src_remote,
-                local,
+                parts.part(key, rec["digest"]),
                 rec["size"],
                 rec["digest"],
                 progress,
                 resume=self.opts.resume_copies,
             )
-        assert local is not None
         self.discard(src, src_remote)  # fetched and verified: the source's copy is no longer needed
+        local = parts.part(key, rec["digest"])
         remote = f"{self.d.nodes[a.node].root}/tmp/{transfer.part_name(kind, a.name, rec['digest'])}"
         try:
             moved = self.upload_and_import(kind, a, local, remote, imp, progress)
         except _NoSuchOp:  # the target cannot import this kind of export: the caller tries another
             parts.forget(key, rec["digest"])
             self.discard(a.node, remote)
+            raise
+        except NepheleError as exc:
+            if not exc.temporary:  # kept only for a retry, which would fail the same way
+                parts.forget(key, rec["digest"])
             raise
         parts.forget(key, rec["digest"])
         return copy_note(mode, rec["size"], rec["result"]) + resumed_note(moved)

@@ -3,7 +3,7 @@ failure resumes from what the receiver already holds and verified, instead of st
 
 A copy's files are named by their content (a sha256), so a retried copy finds the partial its
 interrupted attempt left: on a node `<root>/tmp/nephele-part-<kind>-<name>-<digest>.zip`, on the
-controller `<copies dir>/<digest>.part` (under the manifest's state dir, which outlives the attempt).
+controller `<copies dir>/<key>-<digest>.part` (under the manifest's state dir, which outlives the attempt).
 Before sending, the sender asks what the receiver holds (`copy.partial`: its size and the sha256 of
 that prefix, or for a controller-side partial the sha256 of the same prefix of the node's file); when
 the prefix matches, only the rest crosses (ResumableFiles.put_file_at / get_file_at), else the file
@@ -177,8 +177,13 @@ class Partials:
         self.dir.mkdir(parents=True, exist_ok=True)
         return self.dir
 
-    def part(self, digest: str) -> Path:
-        return self.ensure() / f"{digest[:32]}.part"
+    def part(self, key: str, digest: str) -> Path:
+        return self.ensure() / f"{key[:24]}-{digest[:32]}.part"
+
+    def complete(self, key: str, rec: dict[str, Any]) -> bool:
+        """Whether the record's export is here in full (checked against its sha256)."""
+        part = self.part(key, rec["digest"])
+        return part.is_file() and part.stat().st_size == rec["size"] and sha256_of(part) == rec["digest"]
 
     def record_path(self, key: str) -> Path:
         return self.ensure() / f"{key[:24]}.json"
@@ -200,7 +205,7 @@ class Partials:
     def forget(self, key: str, digest: str | None = None) -> None:
         self.record_path(key).unlink(missing_ok=True)
         if digest:
-            self.part(digest).unlink(missing_ok=True)
+            self.part(key, digest).unlink(missing_ok=True)
 
     def sweep(self, max_age: float = MAX_AGE) -> int:
         """Remove partials and records untouched for `max_age` seconds. Returns the bytes freed."""

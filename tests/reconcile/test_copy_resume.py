@@ -394,3 +394,61 @@ def test_a_node_copy_cut_on_both_hops_reuses_the_export_and_resumes_both(tmp_pat
     # Each hop moved the export once in total: what arrived before a cut was not sent again.
     assert nodes["edge-a"].moved == nodes["edge-b"].moved
     assert leftovers(tmp_path, nodes) == []
+
+
+def test_an_import_that_refuses_a_resumed_upload_gets_the_file_whole_once(tmp_path: Path) -> None:
+    """A partial whose bytes went bad while its digest was reported right (a node that lies, a disk
+    that rots): the import's own check catches it, the partial is discarded, the file crosses whole."""
+    src = tmp_path / "big.zip"
+    cid = image_zip(src)
+    d, nodes = cloudlet(tmp_path, f"{{source: {src}, nodes: [edge-b]}}")
+    data = src.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    part = nodes["edge-b"].root / "tmp" / transfer.part_name("image", "big", digest)
+    part.write_bytes(bytes(len(data) // 2))  # zeros where the zip's first half should be
+    real = nodes["edge-b"].handle
+
+    def lying(req: protocol.Request) -> protocol.Response:
+        if req["op"] == "copy.partial" and part.is_file() and part.read_bytes() == bytes(len(data) // 2):
+            resp = real(req)
+            resp["result"]["sha256"] = hashlib.sha256(data[: len(data) // 2]).hexdigest()
+            return resp
+        return real(req)
+
+    nodes["edge-b"].handler = lying
+    result, lines = do_apply(d, nodes, tmp_path)
+    text = "\n".join(lines)
+    assert result.ok, text
+    assert "resuming at" in text and "the resumed upload did not verify" in text
+    assert nodes["edge-b"].moved == len(data) - len(data) // 2 + len(data)
+    with closing(NodeContext(nodes["edge-b"].root)) as ctx:
+        assert [i.content_id for i in ctx.store.list_images()] == [cid]
+    assert leftovers(tmp_path, nodes) == []
+
+
+def test_a_target_without_room_for_the_rest_fails_clearly_and_keeps_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from nephele.node import space
+
+    src = tmp_path / "big.zip"
+    image_zip(src, size=2 * MiB)
+    d, nodes = cloudlet(tmp_path, "{nodes: [edge-a, edge-b]}")
+    with closing(NodeContext(nodes["edge-a"].root)) as ctx:
+        copy = nodes["edge-a"].root / "tmp" / "in.zip"
+        copy.write_bytes(src.read_bytes())
+        images.import_(ctx, {"path": str(copy), "name": "big"})
+    real_free = space.free_bytes
+    monkeypatch.setattr(
+        space,
+        "free_bytes",
+        lambda p: 1 << 20 if str(p).startswith(str(nodes["edge-b"].root)) else real_free(p),
+    )
+    result, _ = do_apply(d, nodes, tmp_path)
+    assert not result.ok
+    [r] = result.results
+    assert r.attempts == 1 and r.error and "not enough disk space on node" in r.error, r.error
+    assert "nothing was written" in r.error
+    assert (
+        leftovers(tmp_path, nodes) == []
+    )  # the export went after the fetch, the local copy after the refusal
