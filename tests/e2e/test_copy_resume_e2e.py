@@ -70,3 +70,31 @@ def test_an_image_upload_cut_mid_way_resumes_and_resends_little(
         assert on.wire < off.wire
     finally:
         agent.close()
+
+
+def test_ssh_transfers_at_an_offset_write_only_the_rest(cloudlet: Cloudlet, tmp_path: Path) -> None:
+    """SSHTransport.put_file_at / get_file_at against a node's sshd: the destination keeps its first
+    `offset` bytes, gets the rest, and ends exactly as long as the source (a longer one is cut)."""
+    import random
+
+    node = cloudlet.nodes[0]
+    remote_host = node.host_root / "tmp" / "nephele-part-test-offset.bin"
+    remote_host.parent.mkdir(parents=True, exist_ok=True)
+    t = transport_for_node(cloudlet.node_specs()[0], timeout=60)
+    try:
+        data = random.Random(5).randbytes(3 * MiB + 17)
+        local = tmp_path / "l.bin"
+        local.write_bytes(data)
+        remote = f"{node.root}/tmp/{remote_host.name}"
+        remote_host.write_bytes(data[: MiB + 5] + b"stale tail beyond the prefix")
+        assert t.put_file_at(local, remote, MiB + 5) == len(data) - MiB - 5  # type: ignore[attr-defined]
+        assert remote_host.read_bytes() == data
+        back = tmp_path / "b.bin"
+        back.write_bytes(data[: 2 * MiB] + b"x" * 100)
+        assert t.get_file_at(remote, back, 2 * MiB) == len(data) - 2 * MiB  # type: ignore[attr-defined]
+        assert back.read_bytes() == data
+        assert t.get_file_at(remote, back, 0) == len(data)  # type: ignore[attr-defined]
+        assert back.read_bytes() == data
+    finally:
+        remote_host.unlink(missing_ok=True)
+        t.close()
