@@ -103,19 +103,29 @@ def cut_copy(
     cut: float = 0.5,
     stall: float = 3.0,
     down_for: float = 2.0,
+    target: int = 0,
+    source: int | None = None,
 ) -> CutCopy:
-    """Apply a manifest that imports `image` onto the cloudlet's first node, cutting its link once
-    when the node's upload holds `cut` of the file. The node must not hold the image yet."""
-    node = c.nodes[0]
+    """Apply a manifest that imports `image` onto node `target` of the cloudlet, cutting its link once
+    when the node's upload holds `cut` of the file. That node must not hold the image yet. With
+    `source` (a node index), the image comes from that node, which must hold it as `big` (exported
+    there, fetched, uploaded: the upload hop is cut), instead of from the file."""
+    node = c.nodes[target]
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / "cloudlet.yaml"
+    spec = (
+        f"{{source: {image}, nodes: [{node.name}]}}"
+        if source is None
+        else f"{{nodes: [{c.nodes[source].name}, {node.name}]}}"
+    )
     path.write_text(
         "apiVersion: nephele.dev/v1\nkind: Cloudlet\nmetadata: {name: resume}\n"
         + c.manifest_nodes()
-        + f"images:\n  big: {{source: {image}, nodes: [{node.name}]}}\n"
+        + f"images:\n  big: {spec}\n"
     )
     d = manifest.load(path)
-    size = image.stat().st_size
+    size = image.stat().st_size if source is None else 0
+    records = workdir / "state" / "copies"
 
     def factory(spec: NodeSpec) -> Any:
         t = transport_for_node(spec, timeout=600)
@@ -147,8 +157,11 @@ def cut_copy(
         cut_at = 0
         deadline = time.monotonic() + 600
         while th.is_alive() and time.monotonic() < deadline:
+            if not size:  # a node's export: its size is known once the controller recorded it
+                for rec in records.glob("*.json") if records.is_dir() else []:
+                    size = int(json.loads(rec.read_text())["size"])
             held = [f.stat().st_size for f in tmp.glob("nephele-*.zip") if f.is_file()]
-            if held and max(held) >= cut * size:
+            if size and held and max(held) >= cut * size:
                 cut_at = max(held)
                 break
             time.sleep(0.05)

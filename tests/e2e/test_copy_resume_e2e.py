@@ -98,3 +98,38 @@ def test_ssh_transfers_at_an_offset_write_only_the_rest(cloudlet: Cloudlet, tmp_
     finally:
         remote_host.unlink(missing_ok=True)
         t.close()
+
+
+def test_a_node_to_node_image_copy_cut_mid_upload_resumes(
+    cloudlet_factory: Callable[..., Cloudlet], tmp_path: Path
+) -> None:
+    """edge-a holds the image, the manifest wants it on edge-b too and names no file: apply exports it
+    on edge-a (image.export_delta), fetches it to the controller and uploads it to edge-b, whose link is
+    cut half way. The retry neither exports nor fetches again (the controller kept the verified export)
+    and resumes the upload."""
+    b = bench()
+    c = cloudlet_factory(2, rate_mbit=20, delay_ms=0)
+    image = tmp_path / "big.zip"
+    cid = b.synthetic_image(image, 16)
+    a_spec, b_spec = c.node_specs()
+    src = Agent(transport_for_node(a_spec, timeout=300))
+    dst = Agent(transport_for_node(b_spec, timeout=120))
+    try:
+        src.call("ping")  # makes the node's store (tmp/)
+        src.transport.put_file(image, f"{c.nodes[0].root}/tmp/nephele-in.zip")
+        src.call("image.import", {"path": f"{c.nodes[0].root}/tmp/nephele-in.zip", "name": "big"})
+        r = b.cut_copy(c, image, tmp_path / "node", resume=True, target=1, source=0)
+        text = "\n".join(r.lines)
+        assert r.ok, text
+        assert r.cut_at >= r.size // 2 and r.attempts >= 2, text
+        assert "the export of the last attempt is here already" in text
+        assert "uploading to edge-b: resuming at" in text
+        assert text.count("Encoding image") == 1, text  # exported once (image.export_delta's progress)
+        assert dst.call("observe")["images"]["big"]["content_id"] == cid
+        print("\n".join(b.table([r])))
+        assert r.resent < r.size // 8, (r.resent, r.size)
+        for n in c.nodes:
+            assert not list((n.host_root / "tmp").glob("nephele-*")), n.name
+    finally:
+        src.close()
+        dst.close()
