@@ -459,7 +459,10 @@ class _Runner:
 
         def ask(args: dict[str, Any]) -> dict[str, Any] | None:
             try:
-                res = Agent(self.transports(node)).call("copy.partial", args, timeout=self.opts.call_timeout)
+                # Quick (a hash of what the node holds) and idempotent: a short timeout, retried.
+                res = Agent(self.transports(node)).call(
+                    "copy.partial", args, timeout=max(60.0, 4 * self.opts.observe_timeout)
+                )
             except RemoteError as exc:
                 if exc.kind == "unsupported":
                     return None
@@ -483,7 +486,7 @@ class _Runner:
                 raise
             progress(f"the resumed upload did not verify ({exc}): sending it whole")
             self.discard(a.node, remote)  # the import removed it already; a node that did not, now
-            again = transfer.upload(t, self.ask_partial(a.node), local, remote, progress, resume=resume)
+            again = transfer.upload(t, self.ask_partial(a.node), local, remote, progress, resume=False)
             self.call_op(a.node, imp, {"path": remote, "name": a.name}, progress)
             return transfer.Moved(moved.size, 0, moved.sent + again.sent)
         return moved
