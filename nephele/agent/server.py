@@ -36,8 +36,10 @@ from nephele.node.runtime import NodeContext
 log = logging.getLogger("nephele.agent")
 
 # A resident agent nobody talks to exits after this long: a controller that vanished without closing
-# its SSH connection (a cut link) would otherwise leave it behind until TCP gives up, hours later.
-IDLE_TIMEOUT = 900.0
+# its SSH connection (a cut link), or keeps a connection open it no longer uses, would otherwise keep a
+# Python process (~35 MiB) on the node until TCP gives up, hours later. Controllers call in bursts (a plan,
+# an apply, a watch run) and renew a session idle for half this long.
+IDLE_TIMEOUT = 120.0
 
 
 def lookup(op: str) -> Op | None:

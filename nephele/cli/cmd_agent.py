@@ -57,9 +57,9 @@ def register(subparsers: Any) -> None:
     serve.add_argument(
         "--idle-timeout",
         type=float,
-        default=900.0,
+        default=120.0,
         metavar="S",
-        help="exit after S seconds without a request (0: never; default 900)",
+        help="exit after S seconds without a request (0: never; default 120)",
     )
     serve.add_argument(
         "--fresh-libvirt",

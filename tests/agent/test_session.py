@@ -150,7 +150,7 @@ AGENT = """
 """
 
 
-def agent(ops: list[str] | None = None, idle: float | None = 900.0) -> str:
+def agent(ops: list[str] | None = None, idle: float | None = 120.0) -> str:
     return AGENT.format(ops=ops if ops is not None else ["ping", "observe", "hang", "die"], idle=idle)
 
 
