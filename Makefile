@@ -18,7 +18,7 @@ test: bootstrap check
 unit: bootstrap
 	$(PY) -m pytest -q -m "not integration"
 
-## make faults: the handoff fault matrix on real nodes (phase x fault, ~9 min; docs/faults.md)
+## make faults: only the handoff fault matrix on real nodes (phase x fault, ~9 min; docs/faults.md; also in make test)
 faults: bootstrap
 	$(PY) -m pytest -q tests/handoff/test_fault_matrix.py
 

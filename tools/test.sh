@@ -9,13 +9,11 @@ cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 LIVE_MODULES="tests/handoff/test_handoff_cloudlet.py tests/e2e/test_apply_e2e.py tests/e2e/test_heatmap_browser.py
 tests/e2e/test_watch_e2e.py tests/cloudlet/test_cloudlet.py tests/vmstate/test_qemu.py tests/handoff/test_memory_loopback.py
+tests/handoff/test_fault_matrix.py tests/handoff/test_resume_cloudlet.py
 "
 
 rm -f .pytest_cache/v/cache/lastfailed
-# The handoff fault matrix (tests/handoff/test_fault_matrix.py, ~9 min) runs with `make faults`: one of
-# its findings is open (after a failed switchover libvirt's next disk mirror can fail, docs/faults.md),
-# and when it hits, the cells after it fail one after the other on the shared instance.
-"$PY" -m pytest -q --ignore=tests/handoff/test_fault_matrix.py "$@" && exit 0
+"$PY" -m pytest -q "$@" && exit 0
 failed=$("$PY" - <<'PYEOF'
 import json
 import pathlib

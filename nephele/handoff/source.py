@@ -36,6 +36,7 @@ from nephele.node.procs import pid_alive
 from nephele.node.runtime import NodeContext
 
 PROGRESS_PREFIX = "@handoff "
+BLOCK_SETTLE_SECONDS = 60.0  # an earlier failed mirror winding down (see _settle_block_layer)
 STALL_SECONDS = 60.0  # no byte moved on the memory channel for this long while migrating: abort
 DEFAULT_DOWNTIME_MS = 1000
 ABORT_RETRY_SECONDS = 30.0  # how long a failed source keeps trying to tell the destination
@@ -338,6 +339,35 @@ class _DowntimeLimiter(threading.Thread):
             self.mig.set_downtime(limit)
 
 
+def _settle_block_layer(ctx: NodeContext, uuid: str, title: str) -> None:
+    """Wait until QEMU holds no block job of an earlier handoff. A failed disk mirror winds down after
+    libvirt reported the failure (its NBD connection closes later); until it has, its filter node
+    still sits above the disk and libvirt's next mirror fails ("Need a root block node"). A job that
+    ended but was never dismissed is dismissed here (libvirt no longer tracks it)."""
+    deadline = time.monotonic() + BLOCK_SETTLE_SECONDS
+    said = False
+    while True:
+        left = migrate.block_state(ctx.hv, uuid)
+        dismissed = migrate.dismiss_concluded(ctx.hv, uuid, left)
+        if dismissed:
+            ctx.log.warning("handoff of %s: dismissed ended block job(s) %s", uuid, dismissed)
+            ctx.progress(f"Dismissed block job(s) an earlier handoff left behind: {', '.join(dismissed)}")
+            continue
+        if not left["jobs"] and not left["filters"]:
+            return
+        if time.monotonic() > deadline:
+            raise Conflict(
+                f"instance {title!r}: QEMU still holds block job(s) {left['jobs']} (filters "
+                f"{left['filters']}) from an earlier handoff after {BLOCK_SETTLE_SECONDS:g} s; "
+                "try again later"
+            )
+        if not said:
+            ctx.progress(f"Waiting for an earlier disk mirror to wind down: {left['jobs']}")
+            ctx.log.warning("handoff of %s: waiting for QEMU block state %s", uuid, left)
+            said = True
+        time.sleep(0.5)
+
+
 def send(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
     try:
         uuid = str(args["uuid"])
@@ -385,6 +415,7 @@ def send(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
                 proxies.memory.send_stopped(when)
 
         unwatch = migrate.watch_lifecycle(hv, uuid, mark, on_stop)
+        _settle_block_layer(ctx, uuid, info.tags.get("title", uuid))
         mig = migrate.SourceMigration(
             hv,
             uuid,
@@ -429,7 +460,8 @@ def send(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
             if moved != last_bytes:
                 last_bytes, last_move = moved, now
             if mem is not None and mem.stats.error and abort_reason is None:
-                abort_reason = f"memory channel: {mem.stats.error}"
+                err = mem.stats.error
+                abort_reason = err if err.startswith("memory channel:") else f"memory channel: {err}"
                 mig.abort()
             elif proxies.errors and abort_reason is None:
                 abort_reason = proxies.errors[0]
@@ -469,6 +501,10 @@ def send(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
             mig.abort()
             mig.done.wait(120)
         state = migrate.resume_if_paused(hv, uuid)
+        with contextlib.suppress(NepheleError):
+            left = migrate.block_state(hv, uuid)
+            if left["jobs"] or left["filters"]:
+                ctx.log.warning("handoff of %s failed; QEMU's block layer still holds %s", uuid, left)
         if tagged and state is not None:
             _clear_mark(ctx, uuid)
         emit(ctx, "failed", source_state=state, error=str(exc))

@@ -28,6 +28,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 import libvirt
+import libvirt_qemu  # type: ignore[import-untyped]
 
 from nephele.errors import HandoffError, NodeError
 from nephele.node.hypervisor import Hypervisor
@@ -243,6 +244,48 @@ def has_job(hv: Hypervisor, uuid: str) -> bool:
         return bool(dom is not None and dom.jobInfo()[0])
     except libvirt.libvirtError:
         return False
+
+
+def qmp(dom: Any, command: str, **arguments: Any) -> Any:
+    """One QMP command on the domain's QEMU (read-only queries and job clean-up only: libvirt owns the
+    rest of the monitor). Returns its "return" value."""
+    req: dict[str, Any] = {"execute": command}
+    if arguments:
+        req["arguments"] = arguments
+    try:
+        out = libvirt_qemu.qemuMonitorCommand(dom, json.dumps(req), 0)
+    except libvirt.libvirtError as exc:
+        raise NodeError(f"QMP {command} failed: {exc.get_error_message()}") from None
+    return json.loads(out).get("return")
+
+
+def block_state(hv: Hypervisor, uuid: str) -> dict[str, Any]:
+    """What QEMU's block layer holds for the domain beyond its own disks: block jobs (any state) and
+    filter nodes a job inserted (mirror_top). A failed handoff must leave neither: libvirt's next disk
+    mirror then fails with "Need a root block node"."""
+    dom = hv.lookup(uuid)
+    if dom is None:
+        return {"jobs": [], "filters": []}
+    jobs = qmp(dom, "query-jobs") or []
+    nodes = qmp(dom, "query-named-block-nodes", flat=True) or []
+    filters = [n.get("node-name") for n in nodes if n.get("drv") in ("mirror_top", "commit_top")]
+    return {
+        "jobs": [{"id": j.get("id"), "type": j.get("type"), "status": j.get("status")} for j in jobs],
+        "filters": filters,
+    }
+
+
+def dismiss_concluded(hv: Hypervisor, uuid: str, state: dict[str, Any]) -> list[str]:
+    """Dismiss the ended ("concluded") jobs listed in block_state(): libvirt starts its mirrors with
+    auto-dismiss off and dismisses them itself, unless it lost track after a failure."""
+    dom = hv.lookup(uuid)
+    done: list[str] = []
+    for job in state["jobs"]:
+        if dom is not None and job.get("status") == "concluded" and job.get("id"):
+            with contextlib.suppress(NodeError):
+                qmp(dom, "job-dismiss", id=job["id"])
+                done.append(str(job["id"]))
+    return done
 
 
 def resume_if_paused(hv: Hypervisor, uuid: str) -> str | None:

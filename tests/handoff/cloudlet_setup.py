@@ -21,8 +21,20 @@ from nephele.cloudlet.guest import GuestFiles, cmdline
 from nephele.model import NodeSpec
 
 
+class _ClosingAgent(Agent):
+    """An agent whose SSH connection ends with each call. Tests make one per call, often from several
+    threads at once; a kept connection would live (with the node's resident agent behind it) until the
+    process ends: dozens per fault-matrix run."""
+
+    def call(self, op: str, args: Any = None, **kw: Any) -> Any:
+        try:
+            return super().call(op, args, **kw)
+        finally:
+            self.transport.close()
+
+
 def agent(node: CloudletNode) -> Agent:
-    return Agent(
+    return _ClosingAgent(
         SSHTransport(
             node.address, node=node.name, key=node.ssh_key, known_hosts=node.known_hosts, timeout=None
         )

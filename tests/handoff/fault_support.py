@@ -166,6 +166,9 @@ def snapshot(node: CloudletNode) -> dict[str, Any]:
 
 
 DAEMONS = ("libvirtd", "sshd")  # restarted by some cells; sshd sessions come and go
+# The controller's resident agent (one `nephele agent serve` per open SSH transport, for read-only ops)
+# lives as long as the test's transport, not the handoff: it is the controller's, not a leftover.
+RESIDENT = "nephele agent serve"
 
 
 def new_since(before: dict[str, Any], node: CloudletNode) -> list[str]:
@@ -174,7 +177,7 @@ def new_since(before: dict[str, Any], node: CloudletNode) -> list[str]:
     out = [
         f"process {p}: {c[:120]}"
         for p, c in now["procs"].items()
-        if p not in before["procs"] and not any(d in c.split(" ")[0] for d in DAEMONS)
+        if p not in before["procs"] and not any(d in c.split(" ")[0] for d in DAEMONS) and RESIDENT not in c
     ]
     out += [f"listener {a}" for a in sorted(now["listen"] - before["listen"])]
     out += [f"file {f}" for f in sorted(now["files"] - before["files"])]
