@@ -279,15 +279,21 @@ class SSHTransport:
     # with NodeUnreachable, so the reconciler retries it and the copy resumes where it stopped.
     stall_timeout: float | None = None
 
-    def put_file_at(self, local: str | Path, remote: str, offset: int) -> int:
+    def put_file_at(
+        self, local: str | Path, remote: str, offset: int, *, rate_mbit: float | None = None
+    ) -> int:
         """Write local[offset:] at `offset` of the remote file (ResumableFiles)."""
-        return self._transfer_at(local, remote, offset, upload=True)
+        return self._transfer_at(local, remote, offset, upload=True, rate_mbit=rate_mbit)
 
-    def get_file_at(self, remote: str, local: str | Path, offset: int) -> int:
+    def get_file_at(
+        self, remote: str, local: str | Path, offset: int, *, rate_mbit: float | None = None
+    ) -> int:
         """Write remote[offset:] at `offset` of the local file (ResumableFiles)."""
-        return self._transfer_at(local, remote, offset, upload=False)
+        return self._transfer_at(local, remote, offset, upload=False, rate_mbit=rate_mbit)
 
-    def _transfer_at(self, local: str | Path, remote: str, offset: int, *, upload: bool) -> int:
+    def _transfer_at(
+        self, local: str | Path, remote: str, offset: int, *, upload: bool, rate_mbit: float | None = None
+    ) -> int:
         what = f"{local} -> {self.host}:{remote}" if upload else f"{self.host}:{remote} -> {local}"
         mode = "r+b" if offset else "wb"
         stall = self.stall_timeout or self.connect_timeout
@@ -305,11 +311,11 @@ class SSHTransport:
                     if upload:
                         with open(local, "rb") as src, sftp.open(remote, mode) as dst:
                             dst.set_pipelined(True)
-                            return _pump(src, dst, offset, watch.tick)
+                            return _pump(src, dst, offset, watch.tick, rate_mbit)
                     with sftp.open(remote, "rb") as src, open(local, mode) as dst:
                         src.seek(offset)
                         src.prefetch()  # pipelined reads from `offset` on
-                        return _pump(src, dst, offset, watch.tick)
+                        return _pump(src, dst, offset, watch.tick, rate_mbit)
                 finally:
                     watch.stop()
                     channel.settimeout(None)
@@ -349,12 +355,31 @@ class _StallWatch:
                 return
 
 
-def _pump(src: Any, dst: Any, offset: int, tick: Callable[[], None]) -> int:
+def _pump(
+    src: Any,
+    dst: Any,
+    offset: int,
+    tick: Callable[[], None],
+    rate_mbit: float | None = None,
+    *,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> int:
+    """Copy src[offset:] to dst at offset, at most `rate_mbit` on average from the start (a cap:
+    each chunk waits until the bytes so far fit the rate)."""
     src.seek(offset)
     dst.seek(offset)
     dst.truncate(offset)
     moved = 0
-    while chunk := src.read(256 << 10):
+    t0 = clock()
+    chunk_size = 256 << 10
+    if rate_mbit:  # small chunks under a cap, so that it holds over short stretches too
+        chunk_size = max(4 << 10, min(chunk_size, int(rate_mbit * 1e6 / 8 / 10)))
+    while chunk := src.read(chunk_size):
+        if rate_mbit:
+            ahead = (moved + len(chunk)) * 8 / (rate_mbit * 1e6) - (clock() - t0)
+            if ahead > 0:
+                sleep(ahead)
         dst.write(chunk)
         moved += len(chunk)
         tick()

@@ -73,10 +73,14 @@ class FakeTransport:
     def get_file(self, remote: str, local: str | Path) -> None:
         shutil.copyfile(remote, local)
 
-    def put_file_at(self, local: str | Path, remote: str, offset: int) -> int:
-        return copy_from_offset(local, remote, offset)
+    def put_file_at(
+        self, local: str | Path, remote: str, offset: int, *, rate_mbit: float | None = None
+    ) -> int:
+        return copy_from_offset(local, remote, offset)  # no link here: nothing to cap
 
-    def get_file_at(self, remote: str, local: str | Path, offset: int) -> int:
+    def get_file_at(
+        self, remote: str, local: str | Path, offset: int, *, rate_mbit: float | None = None
+    ) -> int:
         return copy_from_offset(remote, local, offset)
 
     def close(self) -> None:
@@ -148,10 +152,14 @@ class LocalTransport:
     def get_file(self, remote: str, local: str | Path) -> None:
         shutil.copyfile(remote, local)
 
-    def put_file_at(self, local: str | Path, remote: str, offset: int) -> int:
-        return copy_from_offset(local, remote, offset)
+    def put_file_at(
+        self, local: str | Path, remote: str, offset: int, *, rate_mbit: float | None = None
+    ) -> int:
+        return copy_from_offset(local, remote, offset)  # no link here: nothing to cap
 
-    def get_file_at(self, remote: str, local: str | Path, offset: int) -> int:
+    def get_file_at(
+        self, remote: str, local: str | Path, offset: int, *, rate_mbit: float | None = None
+    ) -> int:
         return copy_from_offset(remote, local, offset)
 
     def close(self) -> None:
@@ -183,11 +191,16 @@ class ResumableFiles(Protocol):
     """A transport that can complete a file copy from an offset (reconcile's resumable copies): the
     bytes of the source from `offset` on are written at `offset` of the destination, which already
     holds the first `offset` bytes (offset 0: the destination is created or truncated). Returns the
-    bytes moved. A transport without these methods copies whole files only."""
+    bytes moved. `rate_mbit` caps the rate on the node's link (the manifest's maxBandwidthMbit). A
+    transport without these methods copies whole files only."""
 
-    def put_file_at(self, local: str | Path, remote: str, offset: int) -> int: ...
+    def put_file_at(
+        self, local: str | Path, remote: str, offset: int, *, rate_mbit: float | None = None
+    ) -> int: ...
 
-    def get_file_at(self, remote: str, local: str | Path, offset: int) -> int: ...
+    def get_file_at(
+        self, remote: str, local: str | Path, offset: int, *, rate_mbit: float | None = None
+    ) -> int: ...
 
 
 def copy_from_offset(src: str | Path, dst: str | Path, offset: int) -> int:

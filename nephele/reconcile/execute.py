@@ -471,6 +471,12 @@ class _Runner:
 
         return ask
 
+    def copy_cap(self, a: Action) -> float | None:
+        """The manifest's rate cap for a copy into a.node (from a.source_node when there is one): both
+        hops through the controller are held to it."""
+        ends = [self.d.nodes[n] for n in (a.source_node, a.node) if n and n in self.d.nodes]
+        return bandwidth_cap(self.d.policy, *ends)
+
     def upload_and_import(
         self, kind: str, a: Action, local: Path, remote: str, imp: str, progress: EventFn
     ) -> transfer.Moved:
@@ -478,7 +484,10 @@ class _Runner:
         the upload either way) gets the file whole once more: the import's check is the last word."""
         t = self.transports(a.node)
         resume = self.opts.resume_copies
-        moved = transfer.upload(t, self.ask_partial(a.node), local, remote, progress, resume=resume)
+        cap = self.copy_cap(a)
+        moved = transfer.upload(
+            t, self.ask_partial(a.node), local, remote, progress, resume=resume, rate_mbit=cap
+        )
         try:
             self.call_op(a.node, imp, {"path": remote, "name": a.name}, progress)
         except RemoteError as exc:
@@ -486,7 +495,9 @@ class _Runner:
                 raise
             progress(f"the resumed upload did not verify ({exc}): sending it whole")
             self.discard(a.node, remote)  # the import removed it already; a node that did not, now
-            again = transfer.upload(t, self.ask_partial(a.node), local, remote, progress, resume=False)
+            again = transfer.upload(
+                t, self.ask_partial(a.node), local, remote, progress, resume=False, rate_mbit=cap
+            )
             self.call_op(a.node, imp, {"path": remote, "name": a.name}, progress)
             return transfer.Moved(moved.size, 0, moved.sent + again.sent)
         return moved
@@ -616,6 +627,7 @@ class _Runner:
                 rec["digest"],
                 progress,
                 resume=self.opts.resume_copies,
+                rate_mbit=self.copy_cap(a),
             )
         self.discard(src, src_remote)  # fetched and verified: the source's copy is no longer needed
         local = parts.part(key, rec["digest"])

@@ -79,7 +79,16 @@ def can_resume(t: AgentTransport) -> bool:
     return isinstance(t, ResumableFiles)
 
 
-def upload(t: AgentTransport, ask: Ask, local: Path, remote: str, say: Say, *, resume: bool = True) -> Moved:
+def upload(
+    t: AgentTransport,
+    ask: Ask,
+    local: Path,
+    remote: str,
+    say: Say,
+    *,
+    resume: bool = True,
+    rate_mbit: float | None = None,
+) -> Moved:
     """Bring `local` to `remote` on t's node, resuming from the node's partial when its prefix
     matches (`resume` False: always from the start, the baseline resuming is measured against). A
     node that cannot tell (`ask` returns None) or a transport that cannot append gets the whole file."""
@@ -102,7 +111,7 @@ def upload(t: AgentTransport, ask: Ask, local: Path, remote: str, say: Say, *, r
         say(f"uploading to {t.node}: resuming at {mib(offset)} of {mib(size)}")
     else:
         say(f"uploading {mib(size)} to {t.node}")
-    sent = t.put_file_at(local, remote, offset) if offset < size else 0
+    sent = t.put_file_at(local, remote, offset, rate_mbit=rate_mbit) if offset < size else 0
     return Moved(size, offset, sent)
 
 
@@ -116,6 +125,7 @@ def fetch(
     say: Say,
     *,
     resume: bool = True,
+    rate_mbit: float | None = None,
 ) -> Moved:
     """Bring `remote` (of `size` bytes and sha256 `digest`) from t's node to `local`, resuming from
     the local partial when the node's file has the same prefix. The result is checked against
@@ -138,12 +148,12 @@ def fetch(
     if offset:
         say(f"fetching from {t.node}: resuming at {mib(offset)} of {mib(size)}")
     assert isinstance(t, ResumableFiles)
-    sent = t.get_file_at(remote, local, offset) if offset < size else 0
+    sent = t.get_file_at(remote, local, offset, rate_mbit=rate_mbit) if offset < size else 0
     if sha256_of(local) != digest:
         if offset:
             say(f"the resumed fetch from {t.node} does not verify: fetching it whole")
             local.unlink()
-            again = fetch(t, ask, remote, local, size, digest, say)
+            again = fetch(t, ask, remote, local, size, digest, say, rate_mbit=rate_mbit)
             return Moved(size, 0, sent + again.sent)
         local.unlink()
         raise AgentError(f"{remote} changed while it was fetched (sha256 differs); try again", node=t.node)

@@ -49,6 +49,7 @@ class Node(FakeTransport):
         self.old = old  # an older nephele: no copy.partial
         self.cut_after: list[int] = []
         self.moved = 0
+        self.caps: list[float | None] = []  # the rate cap of every offset transfer
         with closing(NodeContext(root)):
             pass
 
@@ -83,10 +84,16 @@ class Node(FakeTransport):
             self.moved += min(limit, os.path.getsize(src) - offset)
         raise NodeUnreachable("copy broke off: timeout (link cut in the test)", node=self.node)
 
-    def put_file_at(self, local: str | Path, remote: str, offset: int) -> int:
+    def put_file_at(
+        self, local: str | Path, remote: str, offset: int, *, rate_mbit: float | None = None
+    ) -> int:
+        self.caps.append(rate_mbit)
         return self._at(local, remote, offset)
 
-    def get_file_at(self, remote: str, local: str | Path, offset: int) -> int:
+    def get_file_at(
+        self, remote: str, local: str | Path, offset: int, *, rate_mbit: float | None = None
+    ) -> int:
+        self.caps.append(rate_mbit)
         return self._at(remote, local, offset)
 
     def put_file(self, local: str | Path, remote: str) -> None:
@@ -452,3 +459,25 @@ def test_a_target_without_room_for_the_rest_fails_clearly_and_keeps_nothing(
     assert (
         leftovers(tmp_path, nodes) == []
     )  # the export went after the fetch, the local copy after the refusal
+
+
+def test_copies_are_held_to_the_manifests_bandwidth_cap_on_both_hops(tmp_path: Path) -> None:
+    src = tmp_path / "big.zip"
+    image_zip(src, size=2 * MiB)
+    d, nodes = cloudlet(tmp_path, "{nodes: [edge-a, edge-b]}")
+    path = tmp_path / "cloudlet.yaml"
+    path.write_text(
+        path.read_text().replace(
+            "edge-b: {address: 10.0.0.2,", "edge-b: {address: 10.0.0.2, maxBandwidthMbit: 8,"
+        )
+        + "policy: {maxBandwidthMbit: 30}\n"
+    )
+    d = manifest.load(path)
+    with closing(NodeContext(nodes["edge-a"].root)) as ctx:
+        staged = nodes["edge-a"].root / "tmp" / "in.zip"
+        staged.write_bytes(src.read_bytes())
+        images.import_(ctx, {"path": str(staged), "name": "big"})
+    result, lines = do_apply(d, nodes, tmp_path)
+    assert result.ok, lines
+    # edge-a -> controller (fetch) and controller -> edge-b (upload): the lowest cap of the two ends
+    assert nodes["edge-a"].caps == [8.0] and nodes["edge-b"].caps == [8.0]
