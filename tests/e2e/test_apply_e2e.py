@@ -346,9 +346,10 @@ def test_an_image_a_node_lacks_is_copied_as_a_delta(w: World, guest: GuestFiles,
         f"already) {snap['file_bytes'] / 2**20:.1f} MiB"
     )
     assert sent_mib * 2 < whole_mib, (sent_mib, whole_mib)
-    # The copy's files are gone from both nodes' tmp/.
+    # The copy's files (the export on edge-a, the upload on edge-b: nephele-export-*, nephele-part-*, or
+    # nephele-image-* for whole copies) are gone from both nodes' tmp/.
     for n in ("edge-a", "edge-b"):
-        assert not list((w.cloudlet.node(n).host_root / "tmp").glob("nephele-image-*")), n
+        assert not list((w.cloudlet.node(n).host_root / "tmp").glob("nephele-*")), n
 
 
 def test_bad_manifest_touches_no_node(w: World, capsys: Any) -> None:
