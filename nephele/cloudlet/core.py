@@ -555,8 +555,13 @@ class Cloudlet:
         self._shape(node, self.rate_mbit)
 
     def _shape(self, node: CloudletNode, rate_mbit: float) -> None:
-        _run(["tc", "-n", node.netns, "qdisc", "replace", "dev", "eth0", "root", *_tbf_args(rate_mbit)])
-        _run(["tc", "qdisc", "replace", "dev", node.host_veth, "root", *_tbf_args(rate_mbit)])
+        # Recreated, not changed in place: a tbf changed to a smaller burst keeps the packets it holds,
+        # and one larger than the new burst (a 64 KiB GSO packet queued at 200 Mbit/s, burst 250 kB,
+        # then 20 Mbit/s, burst 32 KiB) can never leave: the link stays wedged for good (seen in the
+        # fault matrix; reproduced with `tc qdisc replace`). Recreating drops the queue (TCP resends).
+        for ns, dev in ((["-n", node.netns], "eth0"), ([], node.host_veth)):
+            subprocess.run(["tc", *ns, "qdisc", "del", "dev", dev, "root"], capture_output=True, check=False)
+            _run(["tc", *ns, "qdisc", "add", "dev", dev, "root", *_tbf_args(rate_mbit)])
 
     def _build_mounts(self, node: CloudletNode, hosts_file: str) -> None:
         d = node.host_dir

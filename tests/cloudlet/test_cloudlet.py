@@ -160,6 +160,33 @@ def test_links_are_shaped_with_tbf(cloudlet: Cloudlet) -> None:
         cloudlet.set_link(20, a)
 
 
+def test_slowing_a_busy_link_does_not_wedge_it(cloudlet: Cloudlet) -> None:
+    """A tbf changed in place to a smaller burst kept the packets it held, and one larger than the new
+    burst (a 64 KiB GSO packet queued at 200 Mbit/s) could never leave: the link stayed dead for good
+    (it stopped the fault matrix). set_link recreates the qdisc instead; 3 rounds of 200 -> 20 Mbit/s
+    under a bulk transfer, each must finish and leave the link usable."""
+    a, b = cloudlet.nodes
+    sender = (
+        "import socket,sys,time\n"
+        "c=socket.create_connection((sys.argv[1],5002),timeout=30);t=time.monotonic();buf=b'x'*65536\n"
+        "while time.monotonic()-t<3: c.sendall(buf)\n"
+        "c.shutdown(socket.SHUT_WR);print(int(c.recv(64)))\n"
+    )
+    try:
+        for _ in range(3):
+            cloudlet.set_link(200)
+            sink = _start_server(b, SINK, 5002)
+            run = a.popen([sys.executable, "-c", sender, b.address], stdout=subprocess.PIPE)
+            time.sleep(1.5)  # a queue full of 200 Mbit/s traffic
+            cloudlet.set_link(20)
+            out, _ = run.communicate(timeout=60)
+            sink.wait(10)
+            assert run.returncode == 0 and int(out) > 0
+            assert _ssh(a, "true", timeout=20).returncode == 0
+    finally:
+        cloudlet.set_link(20)
+
+
 def test_cut_and_restore_link(cloudlet: Cloudlet) -> None:
     a = cloudlet.nodes[0]
     assert _can_connect(a.address, 22)
