@@ -53,19 +53,8 @@ class AgentTransport(Protocol):
     def close(self) -> None: ...
 
 
-class FakeTransport:
-    """A transport whose node is a function. The handler may raise NodeUnreachable to fake an outage."""
-
-    def __init__(self, handler: Callable[[Request], Response], node: str = "fake") -> None:
-        self.handler = handler
-        self.node = node
-        self.requests: list[Request] = []
-
-    def call(
-        self, request: Request, *, timeout: float | None = None, progress: ProgressFn | None = None
-    ) -> Response:
-        self.requests.append(request)
-        return self.handler(request)
+class _SameMachineFiles:
+    """File copies for a node whose files are on this machine (FakeTransport, LocalTransport)."""
 
     def put_file(self, local: str | Path, remote: str) -> None:
         shutil.copyfile(local, remote)
@@ -87,12 +76,27 @@ class FakeTransport:
         pass
 
 
+class FakeTransport(_SameMachineFiles):
+    """A transport whose node is a function. The handler may raise NodeUnreachable to fake an outage."""
+
+    def __init__(self, handler: Callable[[Request], Response], node: str = "fake") -> None:
+        self.handler = handler
+        self.node = node
+        self.requests: list[Request] = []
+
+    def call(
+        self, request: Request, *, timeout: float | None = None, progress: ProgressFn | None = None
+    ) -> Response:
+        self.requests.append(request)
+        return self.handler(request)
+
+
 def agent_command() -> list[str]:
     """The node-side entry point run by LocalTransport: this interpreter's nephele."""
     return [sys.executable, "-m", "nephele", "agent", "call"]
 
 
-class LocalTransport:
+class LocalTransport(_SameMachineFiles):
     """Runs `nephele agent call` on this machine: request on stdin, response on stdout, progress lines
     on stderr (forwarded as they come, so a long image build shows what it is waiting for)."""
 
@@ -145,25 +149,6 @@ class LocalTransport:
         reader.join(timeout=5)
         err_stream.close()
         return _parse_reply(out, proc.returncode, stderr_tail, self.node)
-
-    def put_file(self, local: str | Path, remote: str) -> None:
-        shutil.copyfile(local, remote)
-
-    def get_file(self, remote: str, local: str | Path) -> None:
-        shutil.copyfile(remote, local)
-
-    def put_file_at(
-        self, local: str | Path, remote: str, offset: int, *, rate_mbit: float | None = None
-    ) -> int:
-        return copy_from_offset(local, remote, offset)  # no link here: nothing to cap
-
-    def get_file_at(
-        self, remote: str, local: str | Path, offset: int, *, rate_mbit: float | None = None
-    ) -> int:
-        return copy_from_offset(remote, local, offset)
-
-    def close(self) -> None:
-        pass
 
 
 def _pump_lines(stream: IO[bytes], sink: ProgressFn, tail: list[str]) -> None:
