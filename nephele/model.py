@@ -91,6 +91,8 @@ class Policy:
     transfer_budget_bytes: int | None = None
     link_mbit: float = 20.0  # default node-to-node link rate for estimates
     max_bandwidth_mbit: float | None = None  # cap on every handoff's rate (nodes may set lower ones)
+    handoff_timeout_s: float | None = None  # a handoff not converged by then is given up (VM stays put)
+    auto_converge: bool = True  # QEMU may slow a guest that dirties memory faster than the link carries
 
 
 def bandwidth_cap(policy: Policy, *nodes: NodeSpec) -> float | None:

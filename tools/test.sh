@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 LIVE_MODULES="tests/handoff/test_handoff_cloudlet.py tests/e2e/test_apply_e2e.py tests/e2e/test_heatmap_browser.py
 tests/e2e/test_watch_e2e.py tests/cloudlet/test_cloudlet.py tests/vmstate/test_qemu.py tests/handoff/test_memory_loopback.py
-tests/handoff/test_fault_matrix.py tests/handoff/test_resume_cloudlet.py
+tests/handoff/test_fault_matrix.py tests/handoff/test_resume_cloudlet.py tests/handoff/test_convergence_cloudlet.py
 "
 
 rm -f .pytest_cache/v/cache/lastfailed

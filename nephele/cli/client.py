@@ -223,6 +223,8 @@ def _handoff(agent: Agent, args: argparse.Namespace) -> int:
             downtime_ms=args.downtime_ms,
             heatmap=args.heatmap,
             bandwidth_mbit=args.bandwidth_mbit,
+            timeout_s=args.handoff_timeout,
+            auto_converge=not args.no_auto_converge,
         )
     finally:
         dst.close()
@@ -337,6 +339,19 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         metavar="MBIT",
         help="cap what this handoff sends over the link, all channels together (default: no cap)",
+    )
+    h.add_argument(
+        "--handoff-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="give up if the switchover has not begun this long after the migration started; the "
+        "instance keeps running on the source (default: no limit)",
+    )
+    h.add_argument(
+        "--no-auto-converge",
+        action="store_true",
+        help="never slow the guest's vCPUs (by default QEMU throttles a guest that dirties memory "
+        "faster than the link carries it, so that the handoff converges)",
     )
     h.add_argument(
         "--heatmap",

@@ -100,14 +100,21 @@ def perform(
     via: tuple[str, int] | None = None,
     bandwidth_mbit: float | None = None,
     resume: bool = True,
+    timeout_s: float | None = None,
+    auto_converge: bool = True,
 ) -> HandoffResult:
     """Hand a running instance off from src's node to dest_node (reached through dst). ``via``: the
     address the source connects to instead of the destination's handoff port (a relay, a WAN proxy).
     ``bandwidth_mbit``: a cap on what this handoff sends over the node link (all its channels).
     ``resume``: the destination offers the pages it kept from an earlier failed attempt of this instance
-    (and keeps this attempt's if it fails); False: a fresh handoff (benchmarks, or to rule the cache out)."""
+    (and keeps this attempt's if it fails); False: a fresh handoff (benchmarks, or to rule the cache out).
+    ``timeout_s``: the source gives up (the instance keeps running there) if the switchover has not begun
+    this long after the migration started; None: no limit. ``auto_converge``: QEMU slows the guest's
+    vCPUs while it dirties memory faster than the link carries it (False: never)."""
     if bandwidth_mbit is not None and not bandwidth_mbit > 0:
         raise HandoffError(f"bandwidth cap {bandwidth_mbit} Mbit/s: it must be a positive number")
+    if timeout_s is not None and not timeout_s > 0:
+        raise HandoffError(f"handoff timeout {timeout_s} s: it must be a positive number")
     notify = on_progress or (lambda ev: None)
     text = on_text or (lambda line: None)
     info = src.call("handoff.prepare", {"instance": instance})
@@ -181,6 +188,8 @@ def perform(
                 "refs": ready.get("refs", []),
                 "downtime_ms": downtime_ms,
                 "bandwidth_mbit": bandwidth_mbit,
+                "timeout_s": timeout_s,
+                "auto_converge": auto_converge,
                 "url": url,
             },
             progress=src_progress,

@@ -21,6 +21,7 @@ def fmt_progress(ev: dict[str, Any]) -> str:
         f"  {ev.get('elapsed', 0):6.1f} s  {phase:<14} stream {ev.get('stream_bytes', 0) / MiB:8.1f} MiB  "
         f"wire {ev.get('wire_bytes', 0) / MiB:7.1f} MiB  {ev.get('rate_bps', 0) * 8 / 1e6:6.1f} Mbit/s  "
         f"ETA {'-' if eta is None else f'{eta:.0f} s'}"
+        + (f"  guest slowed {ev['throttle_pct']} %" if ev.get("throttle_pct") else "")
     )
 
 
@@ -74,6 +75,8 @@ def run_handoff(
     err: TextIO | None = None,
     heatmap: bool | int | None = None,
     bandwidth_mbit: float | None = None,
+    timeout_s: float | None = None,
+    auto_converge: bool = True,
 ) -> HandoffResult:
     o = out or sys.stdout
     e = err or sys.stderr
@@ -115,6 +118,8 @@ def run_handoff(
         on_text=text,
         heatmap=heatmap,
         bandwidth_mbit=bandwidth_mbit,
+        timeout_s=timeout_s,
+        auto_converge=auto_converge,
     )
     if tty:
         print(file=o)

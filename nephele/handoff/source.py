@@ -14,6 +14,7 @@ directory goes.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import os
@@ -37,6 +38,7 @@ from nephele.node.runtime import NodeContext
 
 PROGRESS_PREFIX = "@handoff "
 BLOCK_SETTLE_SECONDS = 60.0  # an earlier failed mirror winding down (see _settle_block_layer)
+RATE_WINDOW = 10  # progress samples (~1 s apart) the link rate in a timeout's message is averaged over
 STALL_SECONDS = 60.0  # no byte moved on the memory channel for this long while migrating: abort
 DEFAULT_DOWNTIME_MS = 1000
 ABORT_RETRY_SECONDS = 30.0  # how long a failed source keeps trying to tell the destination
@@ -339,6 +341,30 @@ class _DowntimeLimiter(threading.Thread):
             self.mig.set_downtime(limit)
 
 
+def _non_negative(args: dict[str, Any], key: str) -> float:
+    try:
+        value = float(args.get(key) or 0)
+    except (ValueError, TypeError):
+        raise InvalidInput(f"handoff.send: bad {key} {args.get(key)!r}") from None
+    if value < 0:
+        raise InvalidInput(f"handoff.send: {key} {value:g} is negative")
+    return value
+
+
+def _not_converged(timeout_s: float, js: dict[str, Any], wire_bps: float, throttle: int, ac: bool) -> str:
+    """Why a handoff is given up at its deadline, with the figures that say what would help."""
+    left = int(js.get("memory_remaining", 0) or 0) + int(js.get("disk_remaining", 0) or 0)
+    dirty = float(js.get("memory_dirty_rate", 0) or 0) * int(js.get("memory_page_size", 4096) or 4096)
+    slowed = f"the guest slowed by {throttle} %" if throttle else "the guest not slowed"
+    if not ac:
+        slowed += " (auto-converge off)"
+    return (
+        f"not converged within the handoff timeout of {timeout_s:g} s: {left / 2**20:.1f} MiB still to send, "
+        f"the guest dirties {dirty / 2**20:.1f} MiB/s, the link carries {wire_bps / 2**20:.2f} MiB/s, "
+        f"{slowed}; raise the timeout or the bandwidth, or lower the guest's write rate"
+    )
+
+
 def _settle_block_layer(ctx: NodeContext, uuid: str, title: str) -> None:
     """Wait until QEMU holds no block job of an earlier handoff. A failed disk mirror winds down after
     libvirt reported the failure (its NBD connection closes later); until it has, its filter node
@@ -379,12 +405,9 @@ def send(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
     except (KeyError, ValueError, TypeError) as exc:
         raise InvalidInput(f"handoff.send: bad request ({exc})") from None
     downtime_ms = int(args.get("downtime_ms") or DEFAULT_DOWNTIME_MS)
-    try:
-        cap = float(args.get("bandwidth_mbit") or 0)
-    except (ValueError, TypeError):
-        raise InvalidInput(f"handoff.send: bad bandwidth_mbit {args.get('bandwidth_mbit')!r}") from None
-    if cap < 0:
-        raise InvalidInput(f"handoff.send: bandwidth_mbit {cap:g} is negative")
+    cap = _non_negative(args, "bandwidth_mbit")  # 0: no cap
+    timeout_s = _non_negative(args, "timeout_s")  # 0: no limit
+    auto_converge = args.get("auto_converge", True) is not False
     url = str(args.get("url") or f"tcp://{dest[0]}:{dest[1]}")
     hv = ctx.hv
     info = instances.select(ctx, uuid)
@@ -423,11 +446,14 @@ def send(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
             memory_port=mem_port,
             disk_port=disk_port,
             downtime_ms=FIRST_PASS_DOWNTIME_MS,  # raised by the limiter once every page went once
+            auto_converge=auto_converge,
         )
         mig.start()
         emit(ctx, "started", url=url, title=info.tags.get("title"), uuid=uuid, pid=os.getpid())
         last_bytes, last_move, abort_reason = -1, time.monotonic(), None
         prev_t, prev_wire = time.monotonic(), 0
+        started, throttle_max = time.monotonic(), 0
+        recent: collections.deque[tuple[float, int]] = collections.deque(maxlen=RATE_WINDOW)
         limiter = _DowntimeLimiter(mig, downtime_ms, proxies)
         limiter.start()
         while not mig.done.wait(1.0):
@@ -436,11 +462,14 @@ def send(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
             now = time.monotonic()
             rate = (wire - prev_wire) / max(1e-3, now - prev_t)
             prev_t, prev_wire = now, wire
+            recent.append((now, wire))
             mem = proxies.memory
             if mem is not None:
                 mem.send_iteration(int(js.get("memory_iteration", 0) or 0))
             remaining = int(js.get("memory_remaining", 0) or 0) + int(js.get("disk_remaining", 0) or 0)
             stream_rate = float(js.get("memory_bps", 0) or 0)
+            throttle = mig.throttle_pct(js)
+            throttle_max = max(throttle_max, throttle)
             emit(
                 ctx,
                 "progress",
@@ -455,6 +484,7 @@ def send(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
                 disk_remaining=int(js.get("disk_remaining", 0) or 0),
                 eta_s=(round(remaining / stream_rate, 1) if stream_rate > 0 else None),
                 paused=mark.stopped is not None,
+                throttle_pct=throttle,
             )
             moved = mem.stats.stream_bytes if mem is not None else 0
             if moved != last_bytes:
@@ -468,6 +498,11 @@ def send(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
                 mig.abort()
             elif mem is not None and now - last_move > STALL_SECONDS and abort_reason is None:
                 abort_reason = f"no progress on the memory channel for {STALL_SECONDS:g} s"
+                mig.abort()
+            elif timeout_s and now - started > timeout_s and abort_reason is None and mark.stopped is None:
+                (t1, w1), (t2, w2) = recent[0], recent[-1]
+                link_bps = (w2 - w1) / (t2 - t1) if t2 > t1 else rate
+                abort_reason = _not_converged(timeout_s, js, link_bps, throttle, auto_converge)
                 mig.abort()
         if mem_ := proxies.memory:
             mem_.done.wait(30)
@@ -493,6 +528,7 @@ def send(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
             "memory_table": ms.table_stats().to_dict() if ms else None,
             "disk_writes": {"bytes": proxies.disk_tap.write_bytes, "zero_bytes": proxies.disk_tap.zero_bytes},
             "downtime_limits_ms": limiter.history,
+            "throttle_max_pct": throttle_max,
         }
         emit(ctx, "done", **{k: result[k] for k in ("elapsed_s", "wire_bytes")})
         return result
@@ -501,6 +537,12 @@ def send(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
             mig.abort()
             mig.done.wait(120)
         state = migrate.resume_if_paused(hv, uuid)
+        if state is None and mig is not None and mig.done.is_set() and mig.error is None:
+            # Interrupted too late: the migration completed (libvirt undefined the domain here after the
+            # destination's Finish). Release what is ours here, as a completed handoff does.
+            with contextlib.suppress(OSError):
+                ctx.store.remove_instance_dir(uuid)
+            ctx.log.warning("handoff of %s: interrupted (%s) after the migration completed", uuid, exc)
         with contextlib.suppress(NepheleError):
             left = migrate.block_state(hv, uuid)
             if left["jobs"] or left["filters"]:

@@ -80,6 +80,7 @@ def _policy(spec: dict[str, Any]) -> Policy:
     downtime = spec.get("downtimeBudget")
     transfer = spec.get("transferBudget")
     cap = spec.get("maxBandwidthMbit")
+    timeout = spec.get("handoffTimeout")
     return Policy(
         prune=spec.get("prune", d.prune),
         parallelism=spec.get("parallelism", d.parallelism),
@@ -89,4 +90,7 @@ def _policy(spec: dict[str, Any]) -> Policy:
         transfer_budget_bytes=parse_size(transfer) if transfer is not None else d.transfer_budget_bytes,
         link_mbit=float(spec.get("linkMbit", d.link_mbit)),
         max_bandwidth_mbit=float(cap) if cap is not None else d.max_bandwidth_mbit,
+        # 0 (like no value): no limit
+        handoff_timeout_s=(parse_duration(timeout) or None) if timeout is not None else d.handoff_timeout_s,
+        auto_converge=bool(spec.get("autoConverge", d.auto_converge)),
     )

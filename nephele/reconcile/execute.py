@@ -189,6 +189,8 @@ class HandoffRequest:
     downtime_ms: int
     progress: Callable[[str], None]
     bandwidth_mbit: float | None = None  # the manifest's cap for this pair of nodes (model.bandwidth_cap)
+    timeout_s: float | None = None  # policy.handoffTimeout: give up (the VM stays on the source) after this
+    auto_converge: bool = True  # policy.autoConverge: QEMU may slow a guest that outpaces the link
 
 
 HandoffFn = Callable[[HandoffRequest], str]
@@ -227,6 +229,8 @@ def live_handoff(req: HandoffRequest, *, clock: Callable[[], float] = time.monot
         downtime_ms=req.downtime_ms,
         source_address=req.source_spec.address,
         bandwidth_mbit=req.bandwidth_mbit,
+        timeout_s=req.timeout_s,
+        auto_converge=req.auto_converge,
     )
     down = f"downtime {res.downtime_s:.2f} s, " if res.downtime_s is not None else ""
     stats = res.destination.get("stats_file")
@@ -242,6 +246,7 @@ def handoff_progress(ev: Mapping[str, Any]) -> str:
     return (
         f"{phase}  {float(ev.get('wire_bytes', 0)) / mib:.1f} MiB over the wire  "
         f"{float(ev.get('rate_bps', 0)) * 8 / 1e6:.1f} Mbit/s  ETA {eta_text}"
+        + (f"  guest slowed {ev['throttle_pct']} %" if ev.get("throttle_pct") else "")
     )
 
 
@@ -670,6 +675,8 @@ class _Runner:
                 bandwidth_mbit=bandwidth_cap(
                     self.d.policy, self.d.nodes[a.source_node], self.d.nodes[a.node]
                 ),
+                timeout_s=self.d.policy.handoff_timeout_s,
+                auto_converge=self.d.policy.auto_converge,
             )
         )
 

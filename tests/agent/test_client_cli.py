@@ -85,7 +85,7 @@ def test_unknown_cloudlet_node_is_a_clear_error(monkeypatch: pytest.MonkeyPatch,
         client.transport_for(args)
 
 
-def test_handoff_passes_the_bandwidth_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_handoff_passes_the_bandwidth_cap_timeout_and_auto_converge(monkeypatch: pytest.MonkeyPatch) -> None:
     got: dict[str, Any] = {}
 
     def fake_run_handoff(src: Any, dst: Any, title: str, spec: Any, **kw: Any) -> None:
@@ -98,5 +98,20 @@ def test_handoff_passes_the_bandwidth_cap(monkeypatch: pytest.MonkeyPatch) -> No
     argv = ["edge-a", "handoff", "web-1", "edge-b", "--bandwidth-mbit", "12.5"]
     assert client.main(argv) == 0
     assert got["title"] == "web-1" and got["bandwidth_mbit"] == 12.5
+    assert (got["timeout_s"], got["auto_converge"]) == (None, True)
     assert client.main(["edge-a", "handoff", "web-1", "edge-b"]) == 0
     assert got["bandwidth_mbit"] is None
+    # the give-up time and auto-converge; the global --timeout stays the node connection's
+    argv = [
+        "--timeout",
+        "7",
+        "edge-a",
+        "handoff",
+        "web-1",
+        "edge-b",
+        "--handoff-timeout",
+        "90",
+        "--no-auto-converge",
+    ]
+    assert client.main(argv) == 0
+    assert (got["timeout_s"], got["auto_converge"]) == (90.0, False)

@@ -8,6 +8,8 @@ import shutil
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -124,3 +126,18 @@ def domains(node: CloudletNode) -> list[str]:
         return [d.UUIDString() for d in conn.listAllDomains()]
     finally:
         conn.close()
+
+
+@contextmanager
+def running_instance(c: Cloudlet, image: str, title: str, port: int) -> Iterator[dict[str, Any]]:
+    """An instance of `image` on the first node, its port 80 forwarded to `port`; removed afterwards from
+    whichever node it ended on."""
+    a, b = c.nodes[:2]
+    r = agent(a).call("instance.run", {"snapshot": image, "title": title, "ports": f"{port}:80"})
+    try:
+        yield r
+    finally:
+        for n in (a, b):
+            for i in agent(n).call("instance.ls"):
+                if i["uuid"] == r["uuid"]:
+                    agent(n).call("instance.rm", {"instance": i["uuid"]})

@@ -18,7 +18,15 @@ from nephele.cloudlet import Cloudlet
 from nephele.cloudlet.guest import GuestFiles
 from nephele.errors import HandoffError
 from nephele.handoff import perform
-from tests.handoff.cloudlet_setup import agent, build_image, domains, guest_state, spec, wait_guest
+from tests.handoff.cloudlet_setup import (
+    agent,
+    build_image,
+    domains,
+    guest_state,
+    running_instance,
+    spec,
+    wait_guest,
+)
 
 pytestmark = pytest.mark.integration
 PORT = 18080
@@ -32,15 +40,8 @@ def image(cloudlet: Cloudlet, guest: GuestFiles) -> str:
 
 @pytest.fixture
 def instance(cloudlet: Cloudlet, image: str) -> Iterator[dict[str, Any]]:
-    a, b = cloudlet.nodes[:2]
-    r = agent(a).call("instance.run", {"snapshot": image, "title": "web-1", "ports": f"{PORT}:80"})
-    try:
+    with running_instance(cloudlet, image, "web-1", PORT) as r:
         yield r
-    finally:
-        for n in (a, b):
-            for i in agent(n).call("instance.ls"):
-                if i["uuid"] == r["uuid"]:
-                    agent(n).call("instance.rm", {"instance": i["uuid"]})
 
 
 def leftovers(cloudlet: Cloudlet, uuid: str) -> list[str]:

@@ -84,7 +84,8 @@ def test_policy_defaults() -> None:
 def test_policy_values_become_seconds_and_bytes() -> None:
     text = HEAD + (
         "policy: {prune: true, parallelism: 8, maxParallelHandoffs: 2, maxHandoffsPerNode: 3,\n"
-        "         downtimeBudget: 500ms, transferBudget: 2GiB, linkMbit: 100}\n"
+        "         downtimeBudget: 500ms, transferBudget: 2GiB, linkMbit: 100,\n"
+        "         handoffTimeout: 10m, autoConverge: false}\n"
     )
     assert manifest.loads(text).policy == Policy(
         prune=True,
@@ -94,7 +95,14 @@ def test_policy_values_become_seconds_and_bytes() -> None:
         downtime_budget_s=0.5,
         transfer_budget_bytes=2 * 1024**3,
         link_mbit=100.0,
+        handoff_timeout_s=600.0,
+        auto_converge=False,
     )
+
+
+def test_a_handoff_timeout_of_zero_means_no_limit() -> None:
+    assert manifest.loads(HEAD + "policy: {handoffTimeout: 0}\n").policy.handoff_timeout_s is None
+    assert Policy().handoff_timeout_s is None and Policy().auto_converge
 
 
 def test_numbers_are_seconds_and_bytes() -> None:

@@ -517,6 +517,8 @@ def test_default_handoff_speaks_the_handoff_protocol(tmp_path: Path) -> None:
     assert [n for n, _ in fc.find("vm-a")] == ["n2"] and [n for n, _ in fc.find("vm-b")] == ["n4"]
     prepare = [args for n, op, args, _, _ in fc.calls if op == "handoff.prepare"]
     assert len(prepare) == 2
+    sends = [args for n, op, args, _, _ in fc.calls if op == "instance.handoff"]  # the fake's name
+    assert [(a["timeout_s"], a["auto_converge"], a["downtime_ms"]) for a in sends] == [(None, True, 2000)] * 2
     assert any("vm-a: n1 → n2" in x and "initiated to tcp://10.0.0.2:8022" in x for x in lines)
     assert any(x.endswith("… iteration 1  1.0 MiB over the wire  20.0 Mbit/s  ETA 1 s") for x in lines)
     done = [x for x in lines if x.startswith("vm-a:") and "done in" in x]
@@ -587,12 +589,12 @@ def test_a_node_without_the_delta_ops_gets_the_whole_image(tmp_path: Path, old: 
     assert "tiny" in fc.nodes["edge-b"].images
 
 
-def test_handoff_carries_the_manifests_bandwidth_cap(tmp_path: Path) -> None:
+def test_handoff_carries_the_manifests_cap_timeout_and_auto_converge(tmp_path: Path) -> None:
     d = write_manifest(
         tmp_path,
         ["edge-a", "edge-b"],
         {"mover": "{snapshot: web, node: edge-b}"},
-        policy="{prune: false, maxBandwidthMbit: 40}",
+        policy="{prune: false, maxBandwidthMbit: 40, handoffTimeout: 5m, autoConverge: false}",
     )
     text = (
         (tmp_path / "cloudlet.yaml")
@@ -606,10 +608,10 @@ def test_handoff_carries_the_manifests_bandwidth_cap(tmp_path: Path) -> None:
         fc.add_image(n)
         fc.add_snapshot(n)
     fc.add_instance("edge-a", "mover")
-    seen: list[float | None] = []
+    seen: list[tuple[float | None, float | None, bool]] = []
 
     def capturing(req: Any) -> str:
-        seen.append(req.bandwidth_mbit)
+        seen.append((req.bandwidth_mbit, req.timeout_s, req.auto_converge))
         return fake_handoff(req)
 
     result = apply(
@@ -622,4 +624,4 @@ def test_handoff_carries_the_manifests_bandwidth_cap(tmp_path: Path) -> None:
         sleep=lambda _s: None,
         handoff_fn=capturing,
     )
-    assert result.ok and seen == [15.0]  # edge-b's cap is below the policy's
+    assert result.ok and seen == [(15.0, 300.0, False)]  # edge-b's cap is below the policy's
