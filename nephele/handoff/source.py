@@ -537,7 +537,8 @@ def send(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
             mig.abort()
             mig.done.wait(120)
         state = migrate.resume_if_paused(hv, uuid)
-        if state is None and mig is not None and mig.done.is_set() and mig.error is None:
+        completed = state is None and mig is not None and mig.done.is_set() and mig.error is None
+        if completed:
             # Interrupted too late: the migration completed (libvirt undefined the domain here after the
             # destination's Finish). Release what is ours here, as a completed handoff does.
             with contextlib.suppress(OSError):
@@ -553,6 +554,11 @@ def send(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
         if proxies.memory is None:  # the destination still waits for its memory channel: tell it why not
             proxies.send_abort(str(exc) or type(exc).__name__)
         if isinstance(exc, KeyboardInterrupt):
+            if completed:
+                raise HandoffError(
+                    "the source was interrupted after the migration completed: the instance runs on the "
+                    "destination"
+                ) from None
             raise HandoffError(f"the source was interrupted; the instance is {state} here") from None
         if isinstance(exc, HandoffError):
             raise HandoffError(f"{exc}; the instance is {state or 'gone'} on the source") from None
