@@ -25,7 +25,7 @@ at the end), 1 / 4 / 8 nodes: cold 253 / 528 / 978 ms, warm 1.7 / 4.3 / 8.9 ms (
 the same hour: warm 223 / 469 / 737 ms); ratio 8/1 cold 3.87, warm 5.38, against a CPU floor of 2.53 x the
 one-node time for both; with 2 nodes (one per CPU) the ratios are 1.43 and 0.74.
 
-With --wan-delay-ms 20 (each node's sshd behind a delay proxy, 20 ms each way; 26 Nov 22:55): cold 460 /
+With --wan-delay-ms 20 (each node's sshd behind a delay proxy, 20 ms each way; 26 Nov 22:45-22:49): cold 460 /
 627 / 982 ms and 420 / 644 / 1081 ms in two runs (ratios 2.14, 2.58), warm 44.1 / 45.5 / 48.5 ms (ratio
 1.10, and 1.11): over a WAN the warm fan-out meets the target, the cold one not yet (the agents' start-up
 CPU).
