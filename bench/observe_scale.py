@@ -2,46 +2,47 @@
 """How observation scales with the number of nodes: the controller asks 1, 4 and 8 nodes of a local
 cloudlet (no VMs) for their state over SSH, all at once, and times it.
 
-Three timings per size, each the median of --repeat runs:
-  cold   a fresh SSH connection to every node, then `observe` (what one `nephele plan` pays)
+Every node sits behind a WAN link to the controller (--wan-delay-ms, default 20 ms each way: a delay proxy
+in front of its sshd), as a cloudlet's sites do; the fan-out exists to overlap those round trips. With
+--wan-delay-ms 0 the nodes are a few microseconds away and the run measures instead how 8 nodes' sshds
+and the controller's SSH handshakes (one process, one GIL) share this machine's 2 CPUs.
+
+Four timings per size, each the median of --repeat runs:
+  first  a fresh SSH connection to every node, no agent daemon on them (the first `nephele plan` after
+         15 idle minutes: each node starts `nephele agent serve`, which starts the daemon)
+  cold   a fresh SSH connection to every node, then `observe` (what each `nephele plan` pays)
   warm   connections already open, `observe` only (what a long-running controller pays)
   serial connections open, the nodes asked one after another (what a fan-out saves)
 
-The nodes answer through a resident agent (`nephele agent serve`, one per SSH connection, opened by the
-first call): a warm `observe` is one op in a running process. A cold one still starts that process (a
-fresh connection has none); `--one-shot` measures the old way, one `nephele agent call` per observe.
+The nodes answer through a resident agent: on an open connection, one op in a running process; on a new
+one, a child forked by the node's agent daemon, reached with socat (docs/agent-protocol.md).
+`--one-shot` measures the old way, one `nephele agent call` process per observe.
 
-All nodes of a local cloudlet share this machine's CPUs, so with more nodes than cores the nodes' own
-CPU time, not the controller, bounds the parallel time. The header prints the CPU count and load.
+Then where the CPU goes, per round (first and cold: the mean of 3, warm: of 100, as a warm round takes
+less than a clock tick): the controller's own CPU time (all its threads), and the nodes' (each node's sshd
+with everything under it, its libvirtd, its agent daemon with its children), from /proc. The floor under
+the parallel time of a size is the larger of the controller's CPU and the sum over this machine's CPUs.
 
-Then where the CPU goes, per round (cold: the mean of 3, warm: of 100, as a warm round takes less than
-a clock tick): the controller's own CPU time (all its threads), and the nodes' (each node's sshd with
-everything under it: connection crypto, shell, agent; and its libvirtd), from /proc. Their sum over the
-machine's CPUs is a floor under the parallel time of that size; the last line sets the largest size's
-floor against the smallest size's time: above 2, no fan-out can meet the target on this machine.
+Results and their reading: bench/README.md. Run of 27 Nov 00:41 UTC (2 CPUs, no VMs), 1 / 4 / 8 nodes,
+20 ms each way: cold 329 / 379 / 422 ms (ratio 1.28), warm 44.3 / 46.2 / 49.1 ms (1.11), first contact 430
+/ 657 / 970 ms (2.26: 8 Python start-ups on 2 CPUs); target met. Before the agent daemon (26 Nov 22:45):
+cold 460 / 627 / 982 ms (2.14), warm 1.10.
 
-Results and their reading: bench/README.md. Run of 26 Nov 18:54 UTC (2 CPUs; load 0.6 at the start, 2.6
-at the end), 1 / 4 / 8 nodes: cold 253 / 528 / 978 ms, warm 1.7 / 4.3 / 8.9 ms (one process per call,
-the same hour: warm 223 / 469 / 737 ms); ratio 8/1 cold 3.87, warm 5.38, against a CPU floor of 2.53 x the
-one-node time for both; with 2 nodes (one per CPU) the ratios are 1.43 and 0.74.
+Target (issue 6): 8 nodes within 2 x the time of 1 (parallel fan-out, not one node after another), for
+cold and warm observations. Needs root (network namespaces, libvirtd, sshd per node), like the
+integration tests.
 
-With --wan-delay-ms 20 (each node's sshd behind a delay proxy, 20 ms each way; 26 Nov 22:45-22:49): cold 460 /
-627 / 982 ms and 420 / 644 / 1081 ms in two runs (ratios 2.14, 2.58), warm 44.1 / 45.5 / 48.5 ms (ratio
-1.10, and 1.11): over a WAN the warm fan-out meets the target, the cold one not yet (the agents' start-up
-CPU).
-
-Target (issue 6): 8 nodes within 2 x the time of 1 (parallel fan-out, not one node after another).
-Needs root (network namespaces, libvirtd, sshd per node), like the integration tests.
-
-    python bench/observe_scale.py [--sizes 1,4,8] [--repeat 5] [--one-shot]
+    python bench/observe_scale.py [--sizes 1,4,8] [--repeat 5] [--wan-delay-ms 20] [--one-shot]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import resource
+import signal
 import statistics
 import sys
 import tempfile
@@ -49,6 +50,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from nephele.agent.daemon import socket_path
 from nephele.agent.nodes import transport_for_node
 from nephele.agent.ssh import DEFAULT_SERVE_COMMAND, SSHTransport
 from nephele.cloudlet import Cloudlet, reap_orphans
@@ -120,9 +122,40 @@ def node_cpu(c: Cloudlet, names: list[str]) -> float:
     total = 0.0
     for n in names:
         node = c.node(n)
-        for pidfile in (node.sshd_pidfile, node.libvirtd_pidfile):
-            total += _tree_cpu(int(pidfile.read_text().split()[0]), tick)
+        for pidfile in (node.sshd_pidfile, node.libvirtd_pidfile, daemon_lock(node)):
+            with contextlib.suppress(OSError, ValueError):  # no agent daemon (yet)
+                total += _tree_cpu(int(pidfile.read_text().split()[0]), tick)
     return total
+
+
+def daemon_lock(node: Any) -> Path:
+    """The node's agent daemon's lock file, which names its pid."""
+    return Path(socket_path(node.host_root) + ".lock")
+
+
+def stop_daemons(c: Cloudlet, names: list[str], timeout: float = 10.0) -> None:
+    """End the nodes' agent daemons (SIGTERM), as 15 idle minutes would: the next connection to each
+    node is a first contact again, its own `serve` starting a new daemon."""
+    pids = []
+    for n in names:
+        with contextlib.suppress(OSError, ValueError):
+            pid = int(daemon_lock(c.node(n)).read_text().split()[0])
+            os.kill(pid, signal.SIGTERM)
+            pids.append(pid)
+    deadline = time.monotonic() + timeout
+    while any(Path(f"/proc/{p}").exists() for p in pids):
+        if time.monotonic() > deadline:
+            raise SystemExit(f"agent daemons {pids} did not end within {timeout:g} s")
+        time.sleep(0.02)
+
+
+def wait_daemons(c: Cloudlet, names: list[str], timeout: float = 10.0) -> None:
+    """Wait until every node's agent daemon listens (started in the background by a first contact)."""
+    deadline = time.monotonic() + timeout
+    while not all(Path(socket_path(c.node(n).host_root)).is_socket() for n in names):
+        if time.monotonic() > deadline:
+            raise SystemExit(f"the nodes' agent daemons did not start within {timeout:g} s")
+        time.sleep(0.02)
 
 
 def settle(c: Cloudlet, names: list[str], timeout: float = 10.0) -> None:
@@ -137,11 +170,11 @@ def settle(c: Cloudlet, names: list[str], timeout: float = 10.0) -> None:
 
 
 def cpu_round(
-    c: Cloudlet, d: Desired, factory: Any, *, cold: bool, rounds: int, pause: float
+    c: Cloudlet, d: Desired, factory: Any, *, cold: bool, rounds: int, pause: float, first: bool = False
 ) -> tuple[float, float]:
     """(controller CPU s, the nodes' CPU s) of one round, the mean of `rounds`: cold (fresh connections
-    each) or warm (one pool, connections open). CPU time is counted in clock ticks (10 ms), so a warm
-    round of a few ms needs many."""
+    each; with `first`, no agent daemon either) or warm (one pool, connections open). CPU time is
+    counted in clock ticks (10 ms), so a warm round of a few ms needs many."""
     names = list(d.nodes)
     ctl = nodes = 0.0
     pool = TransportPool(d, factory)
@@ -151,6 +184,8 @@ def cpu_round(
         if cold:
             pool.close()
             settle(c, names)
+            if first:
+                stop_daemons(c, names)
             pool = TransportPool(d, factory)
         n0, t0 = node_cpu(c, names), cpu_seconds()
         timed_observe(d, pool)
@@ -169,10 +204,10 @@ def main() -> int:
     ap.add_argument(
         "--wan-delay-ms",
         type=float,
-        default=0,
+        default=20,
         metavar="MS",
         help="reach every node's sshd through a delay proxy adding MS each way (the controller-to-site "
-        "WAN; default 0: the nodes' CPU, shared on this machine, bounds the time)",
+        "WAN; default 20; 0: the nodes' and the controller's CPU, shared on this machine, bound the time)",
     )
     ap.add_argument(
         "--one-shot",
@@ -189,7 +224,8 @@ def main() -> int:
     c = Cloudlet.up(f"ob{os.getpid() % 100000}", max(sizes), rate_mbit=1000, delay_ms=0, workdir=WORKDIR)
     up_s = time.perf_counter() - t0
     rows: list[tuple[int, float, float, float]] = []
-    cpu: dict[str, dict[int, tuple[float, float]]] = {"cold": {}, "warm": {}}
+    cpu: dict[str, dict[int, tuple[float, float]]] = {"first": {}, "cold": {}, "warm": {}}
+    firsts: dict[int, float | None] = {}
     serve_command = None if args.one_shot else DEFAULT_SERVE_COMMAND
     try:
         known_hosts = wan_links(c, args.wan_delay_ms) if args.wan_delay_ms else c.nodes[0].known_hosts
@@ -206,10 +242,17 @@ def main() -> int:
         warmup.close()
         for n in sizes:
             d = desired_for(c, n, args.wan_delay_ms)
-            cold, warm, serial = [], [], []
+            first, cold, warm, serial = [], [], [], []
             # A warm observe with a resident agent takes milliseconds: the median of `inner` of them.
             inner = 1 if args.one_shot else 20
             for _ in range(args.repeat):
+                if not args.one_shot:
+                    stop_daemons(c, list(d.nodes))
+                    pool = TransportPool(d, factory)
+                    first.append(timed_observe(d, pool))
+                    pool.close()
+                    settle(c, list(d.nodes))
+                    wait_daemons(c, list(d.nodes))
                 pool = TransportPool(d, factory)
                 cold.append(timed_observe(d, pool))
                 warm.append(statistics.median(timed_observe(d, pool) for _ in range(inner)))
@@ -221,6 +264,10 @@ def main() -> int:
                 )
                 pool.close()
             rows.append((n, statistics.median(cold), statistics.median(warm), statistics.median(serial)))
+            firsts[n] = statistics.median(first) if first else None
+            if not args.one_shot:
+                cpu["first"][n] = cpu_round(c, d, factory, cold=True, rounds=3, pause=0.3, first=True)
+                wait_daemons(c, list(d.nodes))
             cpu["cold"][n] = cpu_round(c, d, factory, cold=True, rounds=3, pause=0.2)
             if args.one_shot:
                 cpu["warm"][n] = cpu_round(c, d, factory, cold=False, rounds=3, pause=0.2)
@@ -243,20 +290,26 @@ def main() -> int:
     )
     print()
     print(
-        f"{'nodes':>5}  {'cold (connect+observe)':>22}  {'warm (observe)':>14}  {'serial (one by one)':>19}"
+        f"{'nodes':>5}  {'first contact':>13}  {'cold (connect+observe)':>22}  {'warm (observe)':>14}  "
+        f"{'serial (one by one)':>19}"
     )
     for n, cold_s, warm_s, serial_s in rows:
-        print(f"{n:>5}  {cold_s * 1e3:>19.1f} ms  {warm_s * 1e3:>11.1f} ms  {serial_s * 1e3:>16.1f} ms")
+        f = firsts.get(n)
+        print(
+            f"{n:>5}  {'-' if f is None else f'{f * 1e3:.1f} ms':>13}  {cold_s * 1e3:>19.1f} ms  "
+            f"{warm_s * 1e3:>11.1f} ms  {serial_s * 1e3:>16.1f} ms"
+        )
     print()
     print(
         f"{'round':>5}  {'nodes':>5}  {'controller CPU':>14}  {'nodes CPU':>10}  "
         f"{'per node':>9}  {'CPU floor':>10}"
     )
     ncpu = os.cpu_count() or 1
-    floors: dict[str, dict[int, float]] = {"cold": {}, "warm": {}}
-    for mode in ("cold", "warm"):
+    floors: dict[str, dict[int, float]] = {"first": {}, "cold": {}, "warm": {}}
+    for mode in ("first", "cold", "warm"):
         for n, (ctl, nodes_cpu) in sorted(cpu[mode].items()):
-            floor = floors[mode][n] = (ctl + nodes_cpu) / min(ncpu, n + 1)
+            # The controller's own part runs mostly under one GIL: it does not spread over the CPUs.
+            floor = floors[mode][n] = max(ctl, (ctl + nodes_cpu) / min(ncpu, n + 1))
             print(
                 f"{mode:>5}  {n:>5}  {ctl * 1e3:>11.1f} ms  {nodes_cpu * 1e3:>7.1f} ms  "
                 f"{nodes_cpu / n * 1e3:>6.2f} ms  {floor * 1e3:>7.1f} ms"
@@ -265,8 +318,12 @@ def main() -> int:
     lo, hi = min(sizes), max(sizes)
     cold_ratio = base[hi][1] / base[lo][1]
     warm_ratio = base[hi][2] / base[lo][2]
+    first_lo, first_hi = firsts.get(lo), firsts.get(hi)
     print()
-    print(f"ratio {hi} nodes / {lo} node: cold {cold_ratio:.2f}, warm {warm_ratio:.2f} (target <= 2)")
+    print(
+        f"ratio {hi} nodes / {lo} node: cold {cold_ratio:.2f}, warm {warm_ratio:.2f} (target <= 2)"
+        + (f"; first contact {first_hi / first_lo:.2f}" if first_lo and first_hi else "")
+    )
     print(f"fan-out speed-up at {hi} nodes: serial / warm = {base[hi][3] / base[hi][2]:.2f}")
     # The CPU the nodes and the controller need for `hi` nodes, spread over this machine's CPUs, against
     # the time of `lo`: above 2, no fan-out can meet the target here (real nodes bring their own CPUs).

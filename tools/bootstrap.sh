@@ -13,6 +13,8 @@ APT_PACKAGES=(
   qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients
   # local cloudlet nodes: namespaces, sshd, test guest build
   iproute2 openssh-server openssh-client kmod cpio e2fsprogs busybox-static curl
+  # the connector to a node's agent daemon (docs/agent-protocol.md)
+  socat
   # the tools nephele is benchmarked against
   xdelta3 zstd rsync
   git make

@@ -92,7 +92,11 @@ class ResidentSession:
         line = self._read_line(deadline, progress, what="response")
         self.calls += 1
         self.last_used = time.monotonic()
-        return protocol.decode(line, what="the agent's response", node=self.node)
+        response = protocol.decode(line, what="the agent's response", node=self.node)
+        if "serve" in response and "id" not in response:
+            # A second hello: the node's connector fell back to a new agent after this one broke off.
+            raise NodeUnreachable("the resident agent ended in the middle of the call", node=self.node)
+        return response
 
     def _read_hello(self, deadline: float | None, progress: ProgressFn) -> dict[str, Any]:
         try:

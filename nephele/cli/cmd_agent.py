@@ -18,8 +18,14 @@ def _call(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from nephele.agent.daemon import DAEMON_ENV
     from nephele.agent.server import serve
 
+    if os.environ.get(DAEMON_ENV) == "1":  # first: the daemon is forked from here, before libvirt or threads
+        from nephele.agent.daemon import start_in_background
+        from nephele.node.store import default_root
+
+        start_in_background(default_root())
     # Responses get a private copy of fd 1, and fd 1 itself becomes stderr: nothing else this long-lived
     # process runs (a library's print, C code, a child process) can write into the response stream.
     sys.stdout.flush()

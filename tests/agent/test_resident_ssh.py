@@ -86,7 +86,7 @@ def test_read_only_calls_share_one_resident_agent(
     assert len(set(pids)) == 1, pids
     pid = pids[0]
     assert t.resident_pid == pid
-    assert cmdline(pid)[-2:] == ["agent", "serve"], cmdline(pid)
+    assert cmdline(pid)[2:4] == ["agent", "serve"], cmdline(pid)
     obs = agent.call("observe", {"node": node.name})
     assert obs["reachable"] is True and obs["instances"] == {}
     assert agent.call("image.ls") == []
@@ -132,7 +132,7 @@ def test_a_stuck_agent_is_unreachable_then_replaced(transport: Callable[..., SSH
 
 def test_a_node_without_serve_gets_one_process_per_call(transport: Callable[..., SSHTransport]) -> None:
     # An older nephele has no `agent serve`: argparse refuses the action at once, as it does this one.
-    t = transport(serve_command="nephele agent serve-not-in-this-version")
+    t = transport(serve_command="nephele agent serve-not-in-this-version", daemon=False)
     agent = Agent(t)
     pids = [agent.call("node.info")["pid"] for _ in range(3)]
     assert len(set(pids)) == 3, pids
@@ -145,3 +145,80 @@ def test_serve_disabled(transport: Callable[..., SSHTransport]) -> None:
     agent = Agent(t)
     assert len({agent.call("node.info")["pid"] for _ in range(2)}) == 2
     assert t.resident_pid is None
+
+
+# ------------------------------------------------------------------------------ the node's agent daemon
+
+
+def _ppid(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def _comm(pid: int) -> str:
+    return Path(f"/proc/{pid}/comm").read_text().strip()
+
+
+def served(transport: Callable[..., SSHTransport]) -> tuple[int, int]:
+    """(pid, parent pid) of the agent that answers a fresh connection's first call."""
+    t = transport()
+    pid = int(Agent(t).call("node.info")["pid"])
+    parent = _ppid(pid)
+    t.close()
+    return pid, parent
+
+
+def running_daemon(node: CloudletNode, transport: Callable[..., SSHTransport]) -> int:
+    """The node's agent daemon, started by a first connection if none runs."""
+    deadline = time.monotonic() + 10
+    while True:
+        _, parent = served(transport)
+        if _comm(parent) == "nephele-agentd":
+            return parent
+        assert time.monotonic() < deadline, f"no agent daemon on {node.name} after 10 s"
+        time.sleep(0.1)
+
+
+def test_later_connections_are_served_by_the_node_daemon(
+    node: CloudletNode, transport: Callable[..., SSHTransport]
+) -> None:
+    daemon = running_daemon(node, transport)
+    assert (node.host_root / "run" / "agent-v1.sock").is_socket()
+    children = set()
+    for _ in range(3):
+        pid, parent = served(transport)
+        assert parent == daemon and _comm(pid) == "nephele-agent"
+        children.add(pid)
+        wait_gone(pid)  # the connection closed: its child ends, the daemon stays
+    assert len(children) == 3 and Path(f"/proc/{daemon}").exists()
+
+
+def test_a_killed_daemon_is_replaced(node: CloudletNode, transport: Callable[..., SSHTransport]) -> None:
+    daemon = running_daemon(node, transport)
+    os.kill(daemon, signal.SIGKILL)
+    wait_gone(daemon)
+    assert (node.host_root / "run" / "agent-v1.sock").exists()  # stale: nobody listens
+    # socat cannot connect: the connection gets a `serve` of its own, which starts a new daemon.
+    t = transport()
+    pid = int(Agent(t).call("node.info")["pid"])
+    assert cmdline(pid)[2:] == ["agent", "serve"] and _comm(_ppid(pid)) != "nephele-agentd"
+    t.close()
+    assert running_daemon(node, transport) != daemon
+
+
+def test_new_code_on_the_node_replaces_the_daemon(
+    node: CloudletNode, transport: Callable[..., SSHTransport]
+) -> None:
+    from nephele.agent import protocol
+
+    daemon = running_daemon(node, transport)
+    source = Path(protocol.__file__)
+    st = source.stat()
+    os.utime(source, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # as an upgrade would
+    try:
+        pid, _ = served(transport)
+        # Served by a freshly started `serve` (the code now on disk), not by a child of the old daemon.
+        assert _comm(pid) != "nephele-agent"
+        wait_gone(daemon)
+        assert running_daemon(node, transport) != daemon
+    finally:
+        os.utime(source, ns=(st.st_atime_ns, st.st_mtime_ns))

@@ -166,8 +166,8 @@ def snapshot(node: CloudletNode) -> dict[str, Any]:
 
 
 DAEMONS = ("libvirtd", "sshd")  # restarted by some cells; sshd sessions come and go
-# The controller's resident agent (one `nephele agent serve` per open SSH transport, for read-only ops)
-# lives as long as the test's transport, not the handoff: it is the controller's, not a leftover.
+# The resident agents (`nephele agent serve`: one per open SSH transport, or the node's agent daemon and
+# its children, all for read-only ops) are the controller's, not leftovers of a handoff.
 RESIDENT = "nephele agent serve"
 
 
