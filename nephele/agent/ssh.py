@@ -200,11 +200,9 @@ class SSHTransport:
         exports = "".join(f"export {k}={shlex.quote(v)}; " for k, v in sorted(env.items()))
         # The node's root as the node's agent will see it: ours if we pass one, else its environment's.
         sock = '"' + socket_path(f"${{{ROOT_ENV}:-{DEFAULT_ROOT}}}") + '"'
-        serve = f"{exports}exec {self.serve_command}"
-        return [
-            f"{exports}[ -S {sock} ] && exec socat -t 0 - UNIX-CONNECT:{sock}; exec {self.serve_command}",
-            serve,
-        ]
+        attach = f"[ -S {sock} ] && exec socat -t 0 - UNIX-CONNECT:{sock}; "
+        serve = f"exec {self.serve_command}"
+        return [exports + attach + serve, exports + serve]
 
     def call(
         self, request: Request, *, timeout: float | None = None, progress: ProgressFn | None = None
@@ -250,21 +248,17 @@ class SSHTransport:
         if sess is not None and not sess.usable(conn.transport):
             self._close_session()
             sess = None
+        show = progress or print_progress
         try:
             if sess is not None:
-                return sess.call(request, timeout=timeout, progress=progress or print_progress)
-            commands = self._resident_commands()
-            for i, command in enumerate(commands):
-                sess = self._session = ResidentSession(
-                    conn.transport, command, node=self.node, open_timeout=self.connect_timeout
-                )
+                return sess.call(request, timeout=timeout, progress=show)
+            *first, last = self._resident_commands()
+            for command in first:
                 try:
-                    return sess.call(request, timeout=timeout, progress=progress or print_progress)
+                    return self._open_session(conn, command).call(request, timeout=timeout, progress=show)
                 except NoResidentAgent:
-                    self._close_session()
-                    if i == len(commands) - 1:
-                        raise
-            raise AssertionError("unreachable")
+                    self._close_session()  # it never read the request: the next command may run it
+            return self._open_session(conn, last).call(request, timeout=timeout, progress=show)
         except NotServed:
             return None
         except NoResidentAgent:
@@ -277,6 +271,12 @@ class SSHTransport:
         except (paramiko.SSHException, EOFError, OSError) as exc:
             self._drop()
             raise NodeUnreachable(f"SSH session to {self.host} failed: {exc}", node=self.node) from None
+
+    def _open_session(self, conn: Connection, command: str) -> ResidentSession:
+        self._session = ResidentSession(
+            conn.transport, command, node=self.node, open_timeout=self.connect_timeout
+        )
+        return self._session
 
     @property
     def resident_pid(self) -> int | None:

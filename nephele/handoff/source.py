@@ -451,7 +451,6 @@ def send(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
         mig.start()
         emit(ctx, "started", url=url, title=info.tags.get("title"), uuid=uuid, pid=os.getpid())
         last_bytes, last_move, abort_reason = -1, time.monotonic(), None
-        prev_t, prev_wire = time.monotonic(), 0
         started, throttle_max = time.monotonic(), 0
         recent: collections.deque[tuple[float, int]] = collections.deque(maxlen=RATE_WINDOW)
         limiter = _DowntimeLimiter(mig, downtime_ms, proxies)
@@ -460,8 +459,8 @@ def send(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
             js = mig.job()
             wire = proxies.wire_out()
             now = time.monotonic()
+            prev_t, prev_wire = recent[-1] if recent else (started, 0)
             rate = (wire - prev_wire) / max(1e-3, now - prev_t)
-            prev_t, prev_wire = now, wire
             recent.append((now, wire))
             mem = proxies.memory
             if mem is not None:

@@ -47,9 +47,8 @@ REFUSED_FLAGS = {
     libvirt.VIR_MIGRATE_TLS: "TLS (an encrypted stream)",
 }
 DEFAULT_SOCKET = "/run/libvirt/libvirt-sock"
-AUTO_CONVERGE_INITIAL = (
-    40  # % of vCPU time taken away at the first throttle (QEMU: 20; a WAN needs it sooner)
-)
+# % of vCPU time taken away at the first throttle (QEMU: 20; a WAN needs it sooner)
+AUTO_CONVERGE_INITIAL = 40
 AUTO_CONVERGE_INCREMENT = 20  # % more each time the guest still outpaces the link (QEMU: 10)
 
 
