@@ -38,6 +38,7 @@ from nephele.handoff.memory import MemoryDestination, MemoryStats
 from nephele.handoff.records import HandoffRecord, Records
 from nephele.node import domain as dx
 from nephele.node import images, instances, migrate
+from nephele.node.hypervisor import Hypervisor
 from nephele.node.procs import pid_alive
 from nephele.node.runtime import NodeContext
 from nephele.node.store import atomic_write_json
@@ -285,15 +286,7 @@ def receive(ctx: NodeContext, args: dict[str, Any]) -> dict[str, Any]:
         resumed = mark.resumed or time.time()
         stopped = ms.stopped_at
         rec.downtime = (resumed - stopped) if stopped is not None else None
-        # The migrated XML carries the source's "being handed off" mark: this copy is the instance now.
-        dom = hv.lookup(uuid)
-        info = hv.info(dom)
-        tags = dict(info.tags)
-        tags.pop("handoff_url", None)
-        tags.pop("handoff_pid", None)
-        hv.set_tags(dom, tags)
-        atomic_write_json(inst_dir / "instance.json", {"uuid": uuid, "name": info.name, **tags})
-        (inst_dir / INCOMING).unlink(missing_ok=True)
+        _adopt(hv, uuid, inst_dir)
         rec.status = "completed"
         records.log(f"{rec.title} runs here; downtime {rec.downtime if rec.downtime is not None else '?'} s")
         ok = True
@@ -372,12 +365,30 @@ def _cleanup(ctx: NodeContext, uuid: str, inst_dir: Any, records: Records) -> No
         time.sleep(0.5)
         state = migrate.domain_state(hv, uuid)
     if state == "running":
-        records.log("the domain runs here although the handoff failed; left as it is")
+        # The migration completed before this receiver was stopped (the controller killed, a check
+        # after the resume): the instance lives here now, as after a successful handoff.
+        try:
+            _adopt(hv, uuid, inst_dir)
+        except Exception as exc:  # the original failure is what the caller reports
+            records.log(f"the domain runs here although the handoff failed; recording it failed: {exc}")
+        else:
+            records.log("the domain runs here although the handoff failed: it is the instance now")
         return
     if state is not None and migrate.remove_domain(hv, uuid):
         records.log("removed the incoming domain")
     _remove_dir(ctx, uuid)
     records.log("cleaned up the instance directory")
+
+
+def _adopt(hv: Hypervisor, uuid: str, inst_dir: Path) -> None:
+    """Make the domain that runs here the instance: drop the source's "being handed off" mark that
+    the migrated XML carries, and record the instance in its directory."""
+    dom = hv.lookup(uuid)
+    info = hv.info(dom)
+    tags = {k: v for k, v in info.tags.items() if k not in ("handoff_url", "handoff_pid")}
+    hv.set_tags(dom, tags)
+    atomic_write_json(inst_dir / "instance.json", {"uuid": uuid, "name": info.name, **tags})
+    (inst_dir / INCOMING).unlink(missing_ok=True)
 
 
 def _remove_dir(ctx: NodeContext, uuid: str) -> None:
@@ -398,7 +409,8 @@ def scratch_dir(ctx: NodeContext, pid: int | None = None) -> Path:
 
 def sweep_stale(ctx: NodeContext) -> list[str]:
     """Remove what killed receivers left: scratch dirs of dead pids, and incoming instance dirs (marked,
-    receiver dead) with no domain. Never touches a dir whose receiver lives or whose domain exists."""
+    receiver dead) with no domain. Never touches a dir whose receiver lives or whose domain exists; a
+    domain that runs (the migration completed before its receiver died) becomes the instance here."""
     removed = resumemod.sweep(ctx.store.root)  # kept pages too old to offer, a killed receiver's writes
     for d in ctx.store.tmp.glob("handoff-*"):
         pid = d.name.removeprefix("handoff-")
@@ -417,7 +429,11 @@ def sweep_stale(ctx: NodeContext) -> list[str]:
             owner = 0
         if owner and pid_alive(owner):
             continue
-        if migrate.domain_state(ctx.hv, uuid) is not None:
+        state = migrate.domain_state(ctx.hv, uuid)
+        if state == "running":  # its receiver was killed after the migration completed
+            _adopt(ctx.hv, uuid, marker.parent)
+            continue
+        if state is not None:
             continue
         _remove_dir(ctx, uuid)
         removed.append(str(marker.parent))
