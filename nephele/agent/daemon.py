@@ -98,6 +98,8 @@ def start_in_background(root: str | Path) -> None:
         return
     # The intermediate child: a new session, so the SSH session's hang-up does not reach the daemon.
     try:
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):  # not the caller's handlers
+            signal.signal(sig, signal.SIG_DFL)
         os.setsid()
         if os.fork():
             os._exit(0)
@@ -133,6 +135,12 @@ def _still_ours(path: str, ino: int) -> bool:
 def run(path: str, *, idle: float = DAEMON_IDLE, check_every: float = CHECK_EVERY) -> int:
     """The daemon's accept loop (module docstring). Returns 0 when it leaves normally, 0 at once if another
     daemon holds the socket."""
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # Reaped here, not by the kernel (SIG_IGN), so their CPU time adds up in the daemon's, as a shell's would.
+    signal.signal(signal.SIGCHLD, _reap)
+    # A SIGTERM waits until the loop below can clean up after it (socket, log), even one sent as it starts.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     run_dir = os.path.dirname(path)
     os.makedirs(run_dir, mode=0o700, exist_ok=True)
     os.chmod(run_dir, 0o700)
@@ -155,14 +163,11 @@ def run(path: str, *, idle: float = DAEMON_IDLE, check_every: float = CHECK_EVER
     listener.listen(64)
     ino = os.stat(path).st_ino
     stamp = code_stamp()
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    # Reaped here, not by the kernel (SIG_IGN), so their CPU time adds up in the daemon's, as a shell's would.
-    signal.signal(signal.SIGCHLD, _reap)
     _log(path, f"listening (nephele agent daemon, protocol {PROTOCOL_VERSION})")
     last = time.monotonic()
     why = "idle"
     try:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
         while True:
             ready, _, _ = select.select([listener], [], [], check_every)
             if not ready:
